@@ -14,6 +14,7 @@ steps, as CI runs it).
 """
 
 from retro_jax.configs.base import get_base_config
+from retro_jax.configs.paper import variant
 
 
 def get_config(arg=None):
@@ -64,13 +65,7 @@ def get_config(arg=None):
     c.sample.max_tokens = 64
     c.sample.temperature = 0.0
 
-    if arg in (None, "", "runlocal"):
-        return c
-    variants = {v.strip() for v in arg.split(",")}
-    unknown = variants - {"runlocal", "baseline", "quick"}
-    if unknown:
-        raise ValueError(f"experiments/demo.py: unknown variant(s) {sorted(unknown)}; "
-                         "allowed: runlocal, baseline, quick")
+    variants = variant(arg, ("runlocal", "baseline", "quick"), __file__)
     if "baseline" in variants:
         c.name = "demo-baseline"
         c.model.retrieval = False

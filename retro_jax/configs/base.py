@@ -115,7 +115,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.encoder_cross_attend_layers = (1,)  # 1-based encoder layers that attend to H_u
     c.model.encoder_query_conditioning = True  # ablation: encoder does not see H_u
     c.model.dropout = 0.0
-    c.model.dtype = "auto"  # compute dtype: auto (bf16 on TPU/GPU, fp32 on CPU) | float32 | bfloat16
+    c.model.dtype = "auto"  # auto (bf16 on TPU/GPU, fp32 on CPU) | float32 | bfloat16
     c.model.remat = "none"  # none | full | dots (jax.checkpoint policy per block)
 
     # ------------------------------------------------------------------ data

@@ -188,10 +188,11 @@ def validate_config(
         raise _fail(source, "eval.stride", found["eval.stride"],
                     f"must be a multiple of database.chunk_len={m} and <= "
                     f"data.seq_len={found['data.seq_len']} (windows stay on the chunk grid)")
-    if found["model.vocab_size"] < found["tokenizer.vocab_size"] and not found["tokenizer.model_path"]:
+    vocab = found["tokenizer.vocab_size"]
+    if found["model.vocab_size"] < vocab and not found["tokenizer.model_path"]:
         raise _fail(
             source, "model.vocab_size", found["model.vocab_size"],
-            f"must be >= tokenizer.vocab_size={found['tokenizer.vocab_size']}",
+            f"must be >= tokenizer.vocab_size={vocab}",
         )
 
     n_layers = found["model.num_layers"]
