@@ -25,6 +25,8 @@ def get_config(arg=None):
     c.tokenizer.train_sample_bytes = 4_000_000
     c.database.max_chunks = 4000
     c.database.shard_chunks = 2000
+    c.database.eval_splits = ("validation",)  # the demo evaluates on validation only
+    c.database.max_eval_chunks = 500
     c.embedder.batch_size = 64
     c.embedder.max_wordpieces = 128
     c.index.brute_force_below = 20_000
@@ -72,6 +74,7 @@ def get_config(arg=None):
     if "quick" in variants:
         c.database.max_chunks = 600
         c.database.shard_chunks = 300
+        c.database.max_eval_chunks = 150
         c.corpus.max_documents = 300
         c.tokenizer.vocab_size = 1024
         c.model.vocab_size = 1024

@@ -62,6 +62,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.database.chunk_len = 64  # m
     c.database.shard_chunks = 4_000_000  # chunks per index shard (contiguous chunk ids)
     c.database.max_chunks = -1  # cap on database chunks; -1 = the whole train split
+    c.database.max_eval_chunks = -1  # cap on validation/test chunks (whole docs); -1 = max_chunks
     c.database.fraction = 1.0  # keep this share of the train documents (database-size ablation)
     c.database.eval_splits = ("validation", "test")  # splits whose chunks get keys (not indexed)
     c.database.dedup_against_eval = False  # drop train docs with 13-gram Jaccard >= threshold
@@ -183,6 +184,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval.knn_lm_lambda = 0.25
     c.eval.knn_lm_k = 1024
     c.eval.knn_lm_temperature = 1.0
+    c.eval.knn_lm_max_entries = 1_000_000  # datastore cap (1M keys of width 896 = 3.6 GB)
 
     # --------------------------------------------------------------- sample
     c.sample = ml_collections.ConfigDict()

@@ -150,16 +150,17 @@ def load_saved_config(workdir: Path, *, num_devices: int | None = None):
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: train in this workdir first, or pass --config")
-    raw = json.loads(path.read_text())
-    base = get_base_config_copy()
-    _assign_json(base, raw, str(path))
-    return validate_config(base, num_devices=num_devices, source=str(path))
+    return config_from_dict(json.loads(path.read_text()), str(path), num_devices=num_devices)
 
 
-def get_base_config_copy() -> ml_collections.ConfigDict:
+def config_from_dict(raw: dict, source: str, *, num_devices: int | None = None
+                     ) -> ml_collections.ConfigDict:
+    """A validated config from its JSON form (config.json, a checkpoint's meta)."""
     from retro_jax.configs.base import get_base_config
 
-    return get_base_config()
+    config = get_base_config()
+    _assign_json(config, raw, source)
+    return validate_config(config, num_devices=num_devices, source=source)
 
 
 def _assign_json(node: ml_collections.ConfigDict, raw: dict, source: str, prefix: str = "") -> None:

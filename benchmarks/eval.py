@@ -1,0 +1,230 @@
+#!/usr/bin/env python
+"""Evaluation benchmark: tokens/s with retrieval on (k=10) vs off, and where the time goes.
+
+JSON lines, one object per figure set:
+  kind=database   the synthetic database: train chunks (indexed), eval documents and chunks
+  kind=eval       mode=off | on: `evaluate()` end to end (tf.data windows, inline ScaNN
+                  retrieval for on, model forward, per-document sums): scored tokens/s after
+                  the first (compiling) batch, seconds
+  kind=breakdown  the pieces of RETRO[ON] alone: pipeline_windows_per_s (make_eval_windows
+                  with k=10: keys, search, filters, neighbour gather, nothing else),
+                  model_on_tokens_per_s (the forward with the neighbours already in memory,
+                  first MODEL_BATCHES batches), model_off_tokens_per_s
+  kind=flops      the forward FLOPs of RETRO[ON] at k=10 over RETRO[OFF], for this model and
+                  the paper's 172M and 7.5B shapes (n=2048): the encoder + CCA share that no
+                  retrieval implementation can remove
+  kind=summary    on_over_off = time(on) / time(off) - 1 end to end (retrieval + encoder + CCA);
+                  retrieval_wait_overhead: time the forward waited for windows with k=10
+                  (search + gather overlap the forward) over the OFF evaluation time;
+                  retrieval_serial_overhead: the k=10 pipeline alone over the OFF evaluation
+                  time (an upper bound with no overlap; goal <= 0.25); model_compute_overhead:
+                  the forward with k=10 neighbours over the forward without
+
+Shape: n=512, m=64 (L=8), k=10 neighbours of 2m=128 tokens, batch 8 windows, stride n; the
+demo model (d 256, 4 layers, CCA at 2 and 4, encoder 2 x 256) at a 4k vocabulary, fp32, on
+this machine's CPUs. Database: 50k train chunks (--quick: 10k) of random tokens with clustered
+384-dim keys, indexed by data_pipeline.index (ScaNN tree + AH above 20k keys, else brute
+force); evaluation split: 32 documents of 8-24 chunks (--quick: 6).
+
+    .venv/bin/python benchmarks/eval.py --quick
+    .venv/bin/python benchmarks/eval.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+SEQ_LEN, CHUNK_LEN, K, BATCH = 512, 64, 10, 8
+MODEL_BATCHES = 4  # batches timed for the model-only breakdown
+DIM, VOCAB = 384, 4096
+
+
+def emit(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def _documents(rng, num_chunks: int, low: int, high: int) -> list[int]:
+    sizes = []
+    while sum(sizes) < num_chunks:
+        sizes.append(int(rng.integers(low, high + 1)))
+    sizes[-1] -= sum(sizes) - num_chunks
+    return [s for s in sizes if s > 0]
+
+
+def synthetic_database(path: Path, train_chunks: int, eval_docs: int, seed: int = 0):
+    from data_pipeline.database import DatabaseWriter
+    from data_pipeline.index import IndexParams, build_shard
+    from data_pipeline.tokenizer import EOS_ID, train_tokenizer
+    from retro_jax.configs.base import get_base_config
+
+    rng = np.random.default_rng(seed)
+    words = ["".join(rng.choice(list("abcdefghij"), size=4)) for _ in range(300)]
+    tok = train_tokenizer([" ".join(rng.choice(words, size=12)) for _ in range(400)],
+                          path.parent / "bench_tok.model", vocab_size=300)
+    centres = rng.normal(size=(500, DIM)).astype(np.float32)
+    writer = DatabaseWriter(path, chunk_len=CHUNK_LEN, tokenizer_path=tok.path,
+                            embedder_name="synthetic", embed_dim=DIM,
+                            corpus={"kind": "synthetic", "description": "benchmark"})
+    rows, first_doc = [], 0
+    splits = {"train": _documents(rng, train_chunks, 1, 400),
+              "validation": [int(x) for x in rng.integers(8, 25, size=eval_docs)]}
+    for split, sizes in splits.items():
+        n = sum(sizes)
+        doc_ids = np.repeat(np.arange(first_doc, first_doc + len(sizes), dtype=np.int64), sizes)
+        tokens = rng.integers(4, VOCAB, size=(n, CHUNK_LEN), dtype=np.int32)
+        ends = np.cumsum(sizes) - 1
+        tokens[ends, CHUNK_LEN // 2] = EOS_ID
+        tokens[ends, CHUNK_LEN // 2 + 1:] = 0
+        doc_centre = centres[rng.integers(0, len(centres), size=len(sizes))]
+        keys = (doc_centre + 0.5 * rng.normal(size=doc_centre.shape)).astype(np.float32)
+        keys = keys[doc_ids - first_doc] + 0.3 * rng.normal(size=(n, DIM)).astype(np.float32)
+        writer.write_split(split, tokens, doc_ids, keys)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        for i, c in enumerate(sizes):
+            real = c * CHUNK_LEN - (CHUNK_LEN // 2 - 1)
+            rows.append({"doc_id": first_doc + i, "id": f"{split}/{i}", "title": str(i),
+                         "source": "synthetic", "split": split, "first_chunk": int(starts[i]),
+                         "num_chunks": c, "num_tokens": real, "num_bytes": 4 * real,
+                         "num_words": real})
+        first_doc += len(sizes)
+        if split == "train":
+            params = IndexParams.from_config(get_base_config().index, n)
+            start = time.perf_counter()
+            writer.add_shard(0, n, build_shard(keys, params))
+            index_s = time.perf_counter() - start
+    writer.write_documents(rows)
+    db = writer.finish()
+    emit({"kind": "database", "train_chunks": train_chunks, "eval_documents": eval_docs,
+          "eval_chunks": int(sum(splits["validation"])), "dim": DIM,
+          "index": "brute force" if params.brute_force else
+          f"tree {params.num_leaves} leaves / {params.num_leaves_to_search} searched, AH, "
+          f"reorder {params.reorder_k}", "index_build_s": round(index_s, 1)})
+    return db
+
+
+def demo_model():
+    from flax import nnx
+
+    from retro_jax.models.config import RetroConfig
+    from retro_jax.models.retro import Retro
+
+    cfg = RetroConfig(vocab_size=VOCAB, d_model=256, num_layers=4, num_heads=4, head_dim=64,
+                      ffw_dim=1024, chunk_len=CHUNK_LEN, cca_layers=(2, 4), encoder_width=256,
+                      encoder_layers=2, encoder_heads=4, encoder_head_dim=64,
+                      encoder_ffw_dim=1024, dtype="float32")
+    return Retro(cfg, rngs=nnx.Rngs(0))
+
+
+def _paper_cfg(size: str):
+    """The paper's model at `size` (Table 2), CCA every 3rd layer from 6 (from 9 past 15)."""
+    from retro_jax.configs import PAPER_SIZES, default_cca_layers
+    from retro_jax.models.config import RetroConfig
+
+    return RetroConfig(vocab_size=128_000, chunk_len=CHUNK_LEN, encoder_heads=14,
+                       cca_layers=default_cca_layers(PAPER_SIZES[size]["num_layers"]),
+                       **PAPER_SIZES[size])
+
+
+def flops_ratio(cfg, seq_len: int, k: int) -> float:
+    """Forward FLOPs per token of RETRO[ON] with k neighbours over the decoder alone
+    (retro_jax.train.metrics' count: the ratio of training FLOPs is the forward ratio)."""
+    import dataclasses
+
+    from retro_jax.train.metrics import model_flops_per_token
+
+    on = model_flops_per_token(cfg, seq_len=seq_len, num_neighbours=k, chunk_len=CHUNK_LEN)
+    off = model_flops_per_token(dataclasses.replace(cfg, cca_layers=()), seq_len=seq_len,
+                                num_neighbours=0, chunk_len=CHUNK_LEN)
+    return on / off
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10k train chunks, 6 documents")
+    args = parser.parse_args()
+    import jax
+
+    from data_pipeline.input_pipeline import make_eval_windows
+    from retro_jax.evaluate.evaluator import evaluate
+    from retro_jax.evaluate.scoring import make_scorer
+
+    train_chunks, eval_docs = (10_000, 6) if args.quick else (50_000, 32)
+    with tempfile.TemporaryDirectory() as tmp:
+        db = synthetic_database(Path(tmp) / "db", train_chunks, eval_docs)
+        model = demo_model()
+        common = dict(seq_len=SEQ_LEN, stride=SEQ_LEN, batch_size=BATCH, progress=False)
+        results = {}
+        for mode, k in (("off", 0), ("on", K)):
+            # Compile on one document first, so the timed pass only measures steady state.
+            evaluate(model, db, "validation", num_neighbours=k, max_documents=1, **common)
+            result = evaluate(model, db, "validation", num_neighbours=k, **common)
+            results[mode] = result.timing
+        for mode, timing in results.items():
+            emit({"kind": "eval", "mode": mode, "k": K if mode == "on" else 0,
+                  "tokens_per_s": round(timing["tokens_per_second"], 1),
+                  "scored_tokens": timing["scored_tokens"], "windows": timing["windows"],
+                  "seconds": round(timing["seconds"], 2),
+                  "input_wait_s": round(timing["input_wait_seconds"], 2),
+                  "model_s": round(timing["model_seconds"], 2),
+                  "device": jax.devices()[0].platform})
+
+        # The pieces: the pipeline alone, then the forward on batches already in memory.
+        ds = make_eval_windows(db, "validation", SEQ_LEN, SEQ_LEN, batch_size=BATCH,
+                               num_neighbours=K)
+        list(ds.take(1).as_numpy_iterator())
+        start = time.perf_counter()
+        batches = list(ds.as_numpy_iterator())
+        pipeline_s = time.perf_counter() - start
+        batches = batches[:MODEL_BATCHES]
+        scorer = make_scorer(model)
+        tokens = sum(int(b["score_mask"].sum()) for b in batches)
+        model_s = {}
+        for name, use in (("on", True), ("off", False)):
+            b0 = batches[0]
+            scorer(b0["inputs"], b0["neighbours"] if use else None, b0["targets"])  # compile
+            start = time.perf_counter()
+            for b in batches:
+                scorer(b["inputs"], b["neighbours"] if use else None, b["targets"])
+            model_s[name] = time.perf_counter() - start
+        emit({"kind": "breakdown", "windows": results["on"]["windows"],
+              "pipeline_windows_per_s": round(results["on"]["windows"] / pipeline_s, 1),
+              "pipeline_s": round(pipeline_s, 2),
+              "model_on_tokens_per_s": round(tokens / model_s["on"], 1),
+              "model_off_tokens_per_s": round(tokens / model_s["off"], 1)})
+        for label, cfg, n in (("demo (this run)", model.cfg, SEQ_LEN),
+                              ("paper 172M", _paper_cfg("172M"), 2048),
+                              ("paper 7.5B", _paper_cfg("7.5B"), 2048)):
+            emit({"kind": "flops", "model": label, "seq_len": n, "k": K,
+                  "on_over_off": round(flops_ratio(cfg, n, K), 2)})
+        time_on = 1.0 / results["on"]["tokens_per_second"]
+        time_off = 1.0 / results["off"]["tokens_per_second"]
+        off_steady_s = results["off"]["input_wait_seconds"] + results["off"]["model_seconds"]
+        emit({"kind": "summary",
+              # End to end, RETRO[ON] vs RETRO[OFF]: retrieval plus the encoder + CCA compute.
+              "on_over_off": round(time_on / time_off - 1.0, 3),
+              # The model waiting for the tf.data windows (search + gather run in parallel
+              # with the forward, prefetched): what retrieval adds to evaluation time.
+              "retrieval_wait_overhead": round(
+                  (results["on"]["input_wait_seconds"] - results["off"]["input_wait_seconds"])
+                  / off_steady_s, 3),
+              # Upper bound with no overlap: the k=10 pipeline alone over the OFF evaluation.
+              "retrieval_serial_overhead": round(pipeline_s / off_steady_s, 3),
+              "model_compute_overhead": round(model_s["on"] / model_s["off"] - 1.0, 3),
+              "goal": "retrieval (search + neighbour gather) adds <= 25%",
+              "met": bool(pipeline_s / off_steady_s <= 0.25)})
+
+
+if __name__ == "__main__":
+    main()

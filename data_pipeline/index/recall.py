@@ -1,0 +1,110 @@
+"""Exact search and the recall check that guards every index build.
+
+Recall@k is measured against exact squared-L2 search on held-out queries. Queries that are
+database keys themselves make recall look better than it is (the key is its own nearest
+neighbour at distance 0), so the build passes keys the index has not seen: validation-split keys
+when the database has them, else `noisy_queries` (database keys + small Gaussian noise).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from data_pipeline.errors import DataError
+from data_pipeline.index.params import IndexParams
+
+
+def exact_search(keys: np.ndarray, queries: np.ndarray, k: int, *,
+                 key_block: int = 65_536, query_block: int = 512) -> np.ndarray:
+    """Exact k nearest keys by squared L2: keys [n, d], queries [Q, d] -> ids int64 [Q, k].
+
+    Blocked over queries and keys (keys may be a np.memmap), so memory stays at about
+    query_block x key_block floats whatever n is. Nearest first; -1 where n < k.
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    num_keys = keys.shape[0]
+    take = min(k, num_keys)
+    out = np.full((len(queries), k), -1, np.int64)
+    for q0 in range(0, len(queries), query_block):
+        q = queries[q0:q0 + query_block]
+        best_d = np.full((len(q), 0), np.inf, np.float32)
+        best_i = np.empty((len(q), 0), np.int64)
+        for k0 in range(0, num_keys, key_block):
+            block = np.asarray(keys[k0:k0 + key_block], dtype=np.float32)
+            # |q - x|^2 = |q|^2 - 2 q.x + |x|^2; |q|^2 does not change the ranking of one query.
+            dists = (block * block).sum(1)[None, :] - 2.0 * (q @ block.T)
+            t = min(take, dists.shape[1])
+            part = np.argpartition(dists, t - 1, axis=1)[:, :t]
+            best_d = np.concatenate([best_d, np.take_along_axis(dists, part, 1)], axis=1)
+            best_i = np.concatenate([best_i, part + k0], axis=1)
+            if best_d.shape[1] > take:
+                keep = np.argpartition(best_d, take - 1, axis=1)[:, :take]
+                best_d = np.take_along_axis(best_d, keep, 1)
+                best_i = np.take_along_axis(best_i, keep, 1)
+        order = np.argsort(best_d, axis=1, kind="stable")
+        out[q0:q0 + len(q), :take] = np.take_along_axis(best_i, order, 1)
+    return out
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Share of the exact top-k ids [Q, k] found anywhere in the approximate top-k [Q, k].
+
+    -1 (missing) entries of `exact_ids` are not counted.
+    """
+    approx_ids, exact_ids = np.asarray(approx_ids), np.asarray(exact_ids)
+    if approx_ids.shape[0] != exact_ids.shape[0]:
+        raise ValueError(f"recall_at_k: {approx_ids.shape[0]} approximate rows vs "
+                         f"{exact_ids.shape[0]} exact rows")
+    wanted = exact_ids >= 0
+    # [Q, k_exact, k_approx] membership: k is small (10), so the cube is cheap.
+    found = (exact_ids[:, :, None] == approx_ids[:, None, :]).any(axis=2) & wanted
+    total = int(wanted.sum())
+    return float(found.sum()) / total if total else 1.0
+
+
+def noisy_queries(keys: np.ndarray, num: int, *, noise: float = 0.1, seed: int = 0) -> np.ndarray:
+    """`num` held-out-like queries float32 [num, d]: random keys + Gaussian noise.
+
+    The noise std per dimension is `noise` x the keys' root-mean-square spread around their
+    mean, so the query is near, not on, its source key. Use validation-split keys instead when
+    the database has them.
+    """
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(keys.shape[0], size=min(num, keys.shape[0]), replace=False))
+    picked = np.asarray(keys[rows], dtype=np.float32)
+    sample = np.asarray(keys[np.sort(rng.choice(keys.shape[0], min(10_000, keys.shape[0]),
+                                                replace=False))], dtype=np.float32)
+    spread = float(np.sqrt(((sample - sample.mean(0)) ** 2).mean()))
+    picked += rng.standard_normal(picked.shape, dtype=np.float32) * np.float32(noise * spread)
+    return picked
+
+
+def measure_recall(searcher, keys: np.ndarray, sample_queries: np.ndarray, k: int = 10) -> float:
+    """Recall@k of `searcher` (a ShardSearcher or ShardedSearcher) against exact search.
+
+    keys [n, d]: exactly the keys the searcher indexes, row i = chunk searcher.first_chunk + i.
+    sample_queries [Q, d]: held-out queries (see module docstring).
+    """
+    approx_ids, _ = searcher.search(sample_queries, k)
+    exact_ids = exact_search(keys, sample_queries, k)
+    exact_ids = np.where(exact_ids >= 0, exact_ids + searcher.first_chunk, -1)
+    return recall_at_k(approx_ids, exact_ids)
+
+
+def check_recall(recall: float, params: IndexParams, *, where: str = "index") -> None:
+    """Raises DataError when `recall` < params.recall_floor, naming the knob to raise."""
+    if recall >= params.recall_floor:
+        return
+    if params.brute_force:
+        raise DataError(
+            f"{where}: recall@10 = {recall:.3f} < index.recall_floor = {params.recall_floor} "
+            "with brute-force search, which is exact: the keys or queries are broken "
+            "(NaN, all equal?); check the embedding stage")
+    more_leaves = min(params.num_leaves, max(params.num_leaves_to_search * 2,
+                                             params.num_leaves_to_search + 1))
+    raise DataError(
+        f"{where}: recall@10 = {recall:.3f} < index.recall_floor = {params.recall_floor} "
+        f"(num_leaves={params.num_leaves}, num_leaves_to_search={params.num_leaves_to_search}, "
+        f"reorder_k={params.reorder_k}). Raise --config.index.num_leaves_to_search "
+        f"(e.g. {more_leaves}) first, then --config.index.reorder_k "
+        f"(e.g. {params.reorder_k * 2}), or lower --config.index.recall_floor")

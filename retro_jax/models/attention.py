@@ -1,0 +1,92 @@
+"""Multi-head attention, split into projection and application so a KV cache fits in later.
+
+`Attention` owns the weights and exposes three steps:
+
+    q = attn.project_query(x)            # [..., T, heads, head_dim]
+    k, v = attn.project_key_value(y)     # [..., S, heads, head_dim]
+    (rotary is applied by the caller, which knows the positions)
+    ctx = dot_product_attention(q, k, v, mask=..., is_causal=...)
+    out = attn.project_output(ctx)       # [..., T, out_dim]
+
+A KV cache for autoregressive decoding (retro_jax/sample) keeps, per decoder layer, the
+rotated `k` and un-rotated `v` of every past position in a `[B, max_len, heads, head_dim]`
+buffer: at step t it calls `project_key_value` on the new token only, applies rotary with
+position t, writes both into the buffer at t (`jax.lax.dynamic_update_slice`), and attends
+the new query (rotated with position t) to the buffer with a mask `positions <= t` (the
+mask replaces `is_causal`). CCA keys/values depend only on the neighbours of a chunk, so
+they are projected once per chunk (`project_key_value` on the encoder output) and reused by
+the m tokens that attend to them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from retro_jax.models.layers import DenseGeneral
+
+
+class Attention(nnx.Module):
+    """Projections of one multi-head attention: queries from width `q_dim`, keys/values from
+    width `kv_dim` (different for cross-attention: this bridges encoder and decoder widths),
+    output to width `out_dim`."""
+
+    def __init__(self, q_dim: int, kv_dim: int, num_heads: int, head_dim: int, out_dim: int,
+                 *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        hd = (num_heads, head_dim)
+        self.query = DenseGeneral((q_dim,), hd, ("embed", "heads", "kv"), dtype=dtype, rngs=rngs)
+        # Keys and values in one matrix: one GEMM instead of two, same FLOPs.
+        self.key_value = DenseGeneral((kv_dim,), (2,) + hd, ("embed", None, "heads", "kv"),
+                                      dtype=dtype, rngs=rngs)
+        self.out = DenseGeneral(hd, (out_dim,), ("heads", "kv", "embed"), dtype=dtype,
+                                rngs=rngs)
+
+    def project_query(self, x: jax.Array) -> jax.Array:
+        """`[..., T, q_dim] -> [..., T, heads, head_dim]`."""
+        return self.query(x)
+
+    def project_key_value(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """`[..., S, kv_dim] -> (k, v)`, each `[..., S, heads, head_dim]`."""
+        kv = self.key_value(y)
+        return kv[..., 0, :, :], kv[..., 1, :, :]
+
+    def project_output(self, ctx: jax.Array) -> jax.Array:
+        """`[..., T, heads, head_dim] -> [..., T, out_dim]`."""
+        return self.out(ctx)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
+) -> jax.Array:
+    """Softmax attention through `jax.nn.dot_product_attention` (a fused kernel where the
+    backend has one; XLA elsewhere).
+
+    q: `[B, T, H, D]`; k, v: `[B, S, H, D]`; mask: bool broadcastable to `[B, H, T, S]`
+    (True = attend). A query row with every key masked gets a finite (uniform) output, never
+    NaN: callers that can see such rows (CCA of a chunk with no neighbours) zero them with a
+    `where` on the output.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                        implementation=None)
+
+
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """The softmax weights `[B, H, T, S]` (fp32) of `dot_product_attention` (for attribution).
+
+    Rows with every key masked are all zero.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is None:
+        return jax.nn.softmax(logits, axis=-1)
+    mask = jnp.broadcast_to(mask, logits.shape)
+    weights = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1)
+    return jnp.where(mask.any(-1, keepdims=True), weights, 0.0)

@@ -1,0 +1,168 @@
+"""Building blocks: parameters with logical axis names, dense, RMSNorm, embedding, FFW, rotary.
+
+Parameters are fp32; compute casts them to the compute dtype at use (mixed precision), and
+norms and softmax statistics stay fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from retro_jax.models.config import GATED_ACTIVATIONS
+from retro_jax.models.sharding import shard
+
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+
+def make_param(
+    rngs: nnx.Rngs,
+    init: Initializer,
+    shape: Sequence[int],
+    names: Sequence[str | None],
+) -> nnx.Param:
+    """An fp32 `nnx.Param` with logical axis `names` (one per dimension) as sharding metadata.
+
+    Eager sharding is off: the model is built unsharded (or abstractly with nnx.eval_shape)
+    and placed with `sharding.state_shardings`, so building needs no mesh.
+    """
+    if len(names) != len(shape):
+        raise ValueError(f"parameter of shape {tuple(shape)} needs {len(shape)} axis names, "
+                         f"got {tuple(names)}")
+    value = init(rngs.params(), tuple(shape), jnp.float32)
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def fan_in_init(fan_in: int) -> Initializer:
+    """Truncated normal with std 1/sqrt(fan_in) (shape-agnostic: fan_in given explicitly)."""
+    std = fan_in ** -0.5
+
+    def init(key, shape, dtype):
+        return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
+
+    return init
+
+
+class DenseGeneral(nnx.Module):
+    """y = einsum(x, W) with W of shape `in_shape + out_shape` and logical names.
+
+    `x [..., *in_shape] -> y [..., *out_shape]`; no bias (as in modern LM stacks).
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        names: Sequence[str | None],
+        *,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        init_scale: float = 1.0,
+    ):
+        self.in_shape = tuple(in_shape)
+        self.out_shape = tuple(out_shape)
+        self.dtype = dtype
+        fan_in = 1
+        for d in self.in_shape:
+            fan_in *= d
+        base = fan_in_init(fan_in)
+        init = (lambda k, s, d: init_scale * base(k, s, d)) if init_scale != 1.0 else base
+        self.kernel = make_param(rngs, init, self.in_shape + self.out_shape, names)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in, n_out = len(self.in_shape), len(self.out_shape)
+        letters = "abcdefghijklmnopqrstuvw"
+        batch = letters[: x.ndim - n_in]
+        ins = letters[x.ndim - n_in: x.ndim]
+        outs = "xyz"[:n_out]
+        spec = f"{batch}{ins},{ins}{outs}->{batch}{outs}"
+        return jnp.einsum(spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm with a learned scale, statistics in fp32: `[..., d] -> [..., d]`."""
+
+    def __init__(self, dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, eps: float = 1e-6):
+        del rngs
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("embed",),
+                               eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        inv = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (x32 * inv * self.scale[...]).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding `[vocab, d]`; `attend` gives logits for a tied output layer."""
+
+    def __init__(self, vocab_size: int, dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = make_param(
+            rngs, lambda k, s, d: jax.random.normal(k, s, d), (vocab_size, dim),
+            ("vocab", "embed"))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """`tokens int32 [...] -> [..., d]` in the compute dtype."""
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """`x [..., d] -> logits float32 [..., vocab]` (scaled by 1/sqrt(d) to keep unit scale)."""
+        w = self.embedding[...].astype(self.dtype)
+        logits = jnp.einsum("...d,vd->...v", x.astype(self.dtype), w,
+                            preferred_element_type=jnp.float32)
+        return logits * (x.shape[-1] ** -0.5)
+
+
+def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    return {"gelu": jax.nn.gelu, "relu": jax.nn.relu, "silu": jax.nn.silu,
+            "swiglu": jax.nn.silu, "geglu": jax.nn.gelu}[name]
+
+
+class FeedForward(nnx.Module):
+    """`[..., d] -> [..., d]`: gelu|relu|silu, or gated swiglu|geglu (two input projections)."""
+
+    def __init__(self, dim: int, hidden: int, activation: str, *, dtype: jnp.dtype,
+                 rngs: nnx.Rngs, activation_names: Sequence[str] = ("batch", "length", "mlp")):
+        self.activation = activation
+        self.gated = activation in GATED_ACTIVATIONS
+        self.activation_names = tuple(activation_names)
+        self.wi = DenseGeneral((dim,), (hidden,), ("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.wg = (DenseGeneral((dim,), (hidden,), ("embed", "mlp"), dtype=dtype, rngs=rngs)
+                   if self.gated else None)
+        self.wo = DenseGeneral((hidden,), (dim,), ("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = _activation(self.activation)
+        h = act(self.wi(x))
+        if self.wg is not None:
+            h = h * self.wg(x)
+        if h.ndim == len(self.activation_names):
+            h = shard(h, self.activation_names)
+        return self.wo(h)
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary position embedding (RoFormer), rotate-half form, computed in fp32.
+
+    x: `[..., T, heads, head_dim]`; positions: `[T]` or broadcastable to `x.shape[:-2]`
+    (int or float). The dot product of a rotated query at position p and a rotated key at
+    position q depends only on p - q: a relative position encoding.
+    """
+    head_dim = x.shape[-1]
+    half = head_dim // 2
+    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[..., None] * freq  # [..., T, half]
+    sin = jnp.sin(angles)[..., None, :]
+    cos = jnp.cos(angles)[..., None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half: 2 * half]
+    rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if head_dim % 2:
+        rotated.append(x32[..., 2 * half:])
+    return jnp.concatenate(rotated, axis=-1).astype(x.dtype)

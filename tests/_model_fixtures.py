@@ -1,0 +1,61 @@
+"""Tiny RETRO configs and jitted helpers shared by the tests/test_model*.py files."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from retro_jax.models.config import RetroConfig
+from retro_jax.models.loss import cross_entropy
+from retro_jax.models.retro import Retro
+
+CHUNK = 4
+CHUNKS = 4
+SEQ = CHUNK * CHUNKS
+K = 2
+
+
+def tiny_config(**overrides) -> RetroConfig:
+    """4 decoder layers, CCA at 2 and 4, an encoder narrower than the decoder (bridged)."""
+    base = RetroConfig(
+        vocab_size=64, d_model=32, num_layers=4, num_heads=4, head_dim=8, ffw_dim=64,
+        chunk_len=CHUNK, cca_layers=(2, 4), encoder_width=16, encoder_layers=2,
+        encoder_heads=2, encoder_head_dim=8, encoder_ffw_dim=32,
+        encoder_cross_attend_layers=(1, 2), dtype="float32")
+    return dataclasses.replace(base, **overrides)
+
+
+def make_batch(batch: int = 2, seed: int = 0, k: int = K, vocab: int = 64):
+    """(inputs [B, n], targets [B, n], neighbours [B, L, k, 2m]) int32, no padding."""
+    rng = np.random.default_rng(seed)
+    inputs = rng.integers(1, vocab, size=(batch, SEQ + 1), dtype=np.int32)
+    neighbours = rng.integers(1, vocab, size=(batch, CHUNKS, k, 2 * CHUNK), dtype=np.int32)
+    return (jnp.asarray(inputs[:, :-1]), jnp.asarray(inputs[:, 1:]), jnp.asarray(neighbours))
+
+
+def new_model(cfg: RetroConfig | None = None, seed: int = 0) -> Retro:
+    """A model from RBG keys: its initializers compile several times faster on CPU than
+    threefry's (tests build many small models; compile time dominates them)."""
+    return Retro(cfg or tiny_config(), rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, inputs, neighbours):
+    return nnx.merge(graphdef, state)(inputs, neighbours)
+
+
+def forward(model: Retro, inputs, neighbours=None) -> jax.Array:
+    """Jitted `model(inputs, neighbours)` (one compile per graph and input structure)."""
+    graphdef, state = nnx.split(model)
+    return _apply(graphdef, state, inputs, neighbours)
+
+
+def loss_fn(model: Retro, inputs, targets, neighbours) -> jax.Array:
+    logits = model(inputs, neighbours)
+    total, count = cross_entropy(logits, targets)
+    return total / count

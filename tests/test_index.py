@@ -1,0 +1,173 @@
+"""data_pipeline/index: ScaNN TF-op shards, exact merge, persistence, tf.data, recall floor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data_pipeline.errors import DataError
+from data_pipeline.index import (
+    IndexParams,
+    ShardedSearcher,
+    ShardSearcher,
+    build_shard,
+    check_recall,
+    exact_search,
+    measure_recall,
+    noisy_queries,
+    recall_at_k,
+)
+
+K = 10
+
+
+def clustered_keys(rng: np.random.Generator, n: int, dim: int, per_centre: int = 100,
+                   noise: float = 1.0) -> np.ndarray:
+    """Unit vectors around n / per_centre random centres (like real embeddings: clustered)."""
+    centres = rng.standard_normal((max(1, n // per_centre), dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[rng.integers(0, len(centres), n)]
+    x += rng.standard_normal((n, dim)).astype(np.float32) * np.float32(noise / np.sqrt(dim))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_params(**changes) -> IndexParams:
+    return IndexParams.for_size(1, num_neighbours=K, **changes)
+
+
+@pytest.fixture(scope="module")
+def small_keys() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((3000, 16)).astype(np.float32),
+            rng.standard_normal((64, 16)).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def tree_shard() -> tuple[ShardSearcher, np.ndarray, np.ndarray]:
+    """A partitioned + AH shard over 30k clustered 64-d keys, and held-out queries."""
+    rng = np.random.default_rng(1)
+    keys = clustered_keys(rng, 30_000, 64)
+    queries = noisy_queries(keys, 300, noise=0.3, seed=2)
+    params = IndexParams.for_size(len(keys), num_neighbours=K, brute_force_below=20_000)
+    assert not params.brute_force and params.num_leaves == 173
+    return build_shard(keys, params, first_chunk=1000), keys, queries
+
+
+def test_params_scale_with_shard_size():
+    cfg = {"num_neighbours": 10, "brute_force_below": 20_000, "num_leaves": -1,
+           "num_leaves_to_search": -1, "training_sample_size": 250_000, "dims_per_block": 2,
+           "anisotropic_quantization_threshold": 0.2, "reorder_k": -1, "recall_floor": 0.9,
+           "recall_sample": 1000}
+    assert IndexParams.from_config(cfg, 5_000).brute_force
+    small, big = IndexParams.from_config(cfg, 100_000), IndexParams.from_config(cfg, 4_000_000)
+    assert (small.num_leaves, big.num_leaves) == (316, 2000)
+    assert small.num_leaves_to_search < big.num_leaves_to_search < big.num_leaves
+    assert big.num_leaves_to_search / big.num_leaves < small.num_leaves_to_search / small.num_leaves
+    assert small.reorder_k == big.reorder_k >= 10 * cfg["num_neighbours"]
+    fixed = IndexParams.from_config({**cfg, "num_leaves": 50, "reorder_k": 33}, 100_000)
+    assert (fixed.num_leaves, fixed.reorder_k) == (50, 33)
+    assert IndexParams.from_json(big.to_json()) == big
+
+
+def test_brute_force_equals_exact_and_returns_squared_l2(small_keys):
+    keys, queries = small_keys
+    shard = build_shard(keys, brute_params())
+    ids, dists = shard.search(queries, K)
+    assert ids.dtype == np.int64 and dists.dtype == np.float32 and ids.shape == (64, K)
+    np.testing.assert_array_equal(ids, exact_search(keys, queries, K))
+    true_d = ((queries[:, None, :] - keys[ids]) ** 2).sum(-1)
+    np.testing.assert_allclose(dists, true_d, rtol=1e-4, atol=1e-4)
+    assert (np.diff(dists, axis=1) >= 0).all()  # smaller = closer, nearest first
+    with pytest.raises(ValueError, match=r"queries must be float32 \[Q, 16\]"):
+        shard.search(queries[:, :8], K)
+
+
+def test_partitioned_ah_recall(tree_shard):
+    shard, keys, queries = tree_shard
+    recall = measure_recall(shard, keys, queries, k=K)
+    assert recall >= 0.9, recall
+    ids, dists = shard.search(queries, K)
+    assert ids.min() >= 1000 and ids.max() < 1000 + len(keys)  # global ids
+    # After exact re-ordering the distances are the float32 squared L2, not AH estimates.
+    true_d = ((queries[:, None, :] - keys[ids - 1000]) ** 2).sum(-1)
+    np.testing.assert_allclose(dists, true_d, rtol=1e-3, atol=1e-3)
+
+
+def test_sharded_merge_equals_single_index(small_keys, tmp_path):
+    keys, queries = small_keys
+    whole_ids, whole_d = build_shard(keys, brute_params()).search(queries, K)
+    np.save(tmp_path / "keys.npy", keys)
+    on_disk = np.load(tmp_path / "keys.npy", mmap_mode="r")  # shards built from memmap slices
+    bounds = [0, 700, 1900, len(keys)]
+    shards = [build_shard(on_disk[a:b], brute_params(), first_chunk=a)
+              for a, b in zip(bounds, bounds[1:])]
+    sharded = ShardedSearcher(shards[::-1])  # order of the list does not matter
+    ids, dists = sharded.search(queries, K)
+    np.testing.assert_array_equal(ids, whole_ids)
+    np.testing.assert_allclose(dists, whole_d, rtol=1e-5, atol=1e-5)
+    assert (sharded.first_chunk, sharded.num_chunks) == (0, len(keys))
+
+
+def test_save_load_identical(tree_shard, tmp_path):
+    shard, keys, queries = tree_shard
+    before = shard.search(queries, K)
+    shard.save(tmp_path / "shard_00000")
+    loaded = ShardSearcher.load(tmp_path / "shard_00000", first_chunk=1000)
+    assert (loaded.num_chunks, loaded.dim, loaded.params) == (len(keys), 64, shard.params)
+    after = loaded.search(queries, K)
+    np.testing.assert_array_equal(after[0], before[0])
+    np.testing.assert_array_equal(after[1], before[1])
+    with pytest.raises(DataError, match="first_chunk 1000 but the manifest says 0"):
+        ShardSearcher.load(tmp_path / "shard_00000", first_chunk=0)
+    with pytest.raises(DataError, match="missing shard.json"):
+        ShardSearcher.load(tmp_path / "nothing_here", first_chunk=0)
+
+
+def test_search_inside_parallel_tf_data_map(small_keys):
+    keys, queries = small_keys
+    sharded = ShardedSearcher([build_shard(keys[:1500], brute_params()),
+                               build_shard(keys[1500:], brute_params(), first_chunk=1500)])
+    dataset = (tf.data.Dataset.from_tensor_slices(queries).batch(8)
+               .map(lambda q: sharded.search_tf(q, K), num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=True))
+    got = [(ids.numpy(), d.numpy()) for ids, d in dataset]
+    ids = np.concatenate([g[0] for g in got])
+    assert ids.dtype == np.int64 and got[0][1].dtype == np.float32
+    np.testing.assert_array_equal(ids, exact_search(keys, queries, K))
+
+
+def test_k_larger_than_shard_pads(small_keys):
+    keys, queries = small_keys
+    tiny = build_shard(keys[:4], brute_params(), first_chunk=10)
+    ids, dists = tiny.search(queries[:3], K)
+    assert ids.shape == (3, K)
+    assert (ids[:, 4:] == -1).all() and np.isinf(dists[:, 4:]).all()
+    assert sorted(ids[0, :4]) == [10, 11, 12, 13]
+    # Across shards: 4 + 3 keys for k = 10 -> 7 real ids, then padding.
+    other = build_shard(keys[4:7], brute_params(), first_chunk=14)
+    ids, dists = ShardedSearcher([tiny, other]).search(queries[:3], K)
+    assert sorted(ids[0, :7]) == list(range(10, 17)) and (ids[:, 7:] == -1).all()
+    np.testing.assert_array_equal(ids[:, :7], exact_search(keys[:7], queries[:3], 7) + 10)
+
+
+def test_recall_floor_failure_names_the_knob():
+    rng = np.random.default_rng(3)
+    keys = rng.standard_normal((5000, 32)).astype(np.float32)  # no structure: hard for ANN
+    params = IndexParams.for_size(len(keys), num_neighbours=K, brute_force_below=1000,
+                                  num_leaves=100, num_leaves_to_search=1, reorder_k=10)
+    shard = build_shard(keys, params)
+    recall = measure_recall(shard, keys, rng.standard_normal((100, 32)).astype(np.float32))
+    assert recall < 0.5
+    with pytest.raises(DataError, match=r"num_leaves_to_search \(e\.g\. 2\).*reorder_k"):
+        check_recall(recall, params, where="shard_00000")
+    # The same shard passes once more leaves are searched (a query-time knob, no rebuild).
+    shard.leaves_to_search, shard.reorder_k = 100, 200
+    check_recall(measure_recall(shard, keys, rng.standard_normal((50, 32)).astype(np.float32)),
+                 params)
+
+
+def test_recall_at_k_counts_set_overlap():
+    exact = np.array([[1, 2, 3], [4, 5, -1]])
+    approx = np.array([[3, 2, 9], [5, 4, 7]])
+    assert recall_at_k(approx, exact) == pytest.approx(4 / 5)

@@ -1,0 +1,208 @@
+"""RETRO model behaviour on a tiny config: causality, neighbour handling, modes, training."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _model_fixtures import CHUNK, CHUNKS, forward, loss_fn, make_batch, new_model, tiny_config
+from flax import nnx
+
+from retro_jax.models.config import RetroConfig
+from retro_jax.models.loss import chunked_cross_entropy, cross_entropy
+from retro_jax.models.retro import Retro, retrofit_filter
+
+# One jitted value-and-grad for every test (nnx.jit caches per graph and shapes).
+value_and_grad = nnx.jit(nnx.value_and_grad(loss_fn))
+
+
+@pytest.fixture(scope="module")
+def model() -> Retro:
+    return new_model()
+
+
+def test_shapes_and_dtypes(model):
+    inputs, _, neighbours = make_batch()
+    logits = forward(model, inputs, neighbours)
+    assert logits.shape == (2, CHUNK * CHUNKS, 64) and logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_causal_in_inputs(model):
+    inputs, _, neighbours = make_batch()
+    base = forward(model, inputs, neighbours)
+    t = 7
+    changed = inputs.at[:, t:].set((inputs[:, t:] + 5) % 63 + 1)
+    out = forward(model, changed, neighbours)
+    np.testing.assert_allclose(out[:, :t], base[:, :t], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out[:, t:], base[:, t:])
+
+
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_neighbours_of_chunk_u_reach_only_its_attending_chunk_onwards(model, chunk):
+    inputs, _, neighbours = make_batch()
+    base = forward(model, inputs, neighbours)
+    changed = neighbours.at[:, chunk].set((neighbours[:, chunk] + 3) % 63 + 1)
+    out = forward(model, inputs, changed)
+    first = (chunk + 1) * CHUNK - 1  # the last token of C_u is the first that may see them
+    np.testing.assert_allclose(out[:, :first], base[:, :first], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out[:, first], base[:, first], atol=1e-6)
+    assert not np.allclose(out[:, first:], base[:, first:])
+
+
+def test_permuting_neighbours_leaves_logits_unchanged(model):
+    inputs, _, neighbours = make_batch()
+    base = forward(model, inputs, neighbours)
+    out = forward(model, inputs, neighbours[:, :, ::-1])
+    np.testing.assert_allclose(out, base, rtol=1e-4, atol=1e-5)
+
+
+def test_retro_off_equals_all_padding_neighbours(model):
+    inputs, _, neighbours = make_batch()
+    off = forward(model, inputs, None)
+    padded = forward(model, inputs, jnp.zeros_like(neighbours))
+    np.testing.assert_allclose(off, padded, rtol=1e-6, atol=1e-6)
+    on = forward(model, inputs, neighbours)
+    # the first m-1 tokens never see neighbours
+    np.testing.assert_allclose(on[:, : CHUNK - 1], off[:, : CHUNK - 1], rtol=1e-5, atol=1e-6)
+
+
+def test_no_nan_with_missing_neighbours_forward_and_grad(model):
+    inputs, targets, neighbours = make_batch()
+    # chunk 0: nothing at all; chunk 1: one neighbour missing; chunk 2: half padded
+    neighbours = neighbours.at[:, 0].set(0).at[:, 1, 1].set(0).at[:, 2, :, CHUNK:].set(0)
+    loss, grads = value_and_grad(model, inputs, targets, neighbours)
+    assert np.isfinite(float(loss))
+    for g in jax.tree.leaves(grads):
+        assert np.isfinite(np.asarray(g)).all()
+    loss0, grads0 = value_and_grad(
+        model, inputs, targets, jnp.zeros_like(neighbours))
+    assert np.isfinite(float(loss0))
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads0))
+
+
+def test_cca_attention_shares(model):
+    inputs, _, neighbours = make_batch()
+    neighbours = neighbours.at[:, 0].set(0).at[:, 1, 1].set(0)
+    fn = nnx.jit(lambda m, x, nb: m(x, nb, return_cca_attention=True))
+    logits, shares = fn(model, inputs, neighbours)
+    np.testing.assert_allclose(logits, forward(model, inputs, neighbours), rtol=1e-5, atol=1e-5)
+    assert sorted(shares) == [2, 4]
+    s = np.asarray(shares[2])
+    assert s.shape == (2, CHUNKS, 2)
+    np.testing.assert_allclose(s[:, 0], 0.0)  # no neighbours: no attention
+    np.testing.assert_allclose(s[:, 1], [[1.0, 0.0]] * 2, atol=1e-6)  # all on the one present
+    np.testing.assert_allclose(s[:, 2:].sum(-1), 1.0, rtol=1e-5)
+
+
+def test_baseline_has_no_retrieval_params():
+    base = new_model(tiny_config(cca_layers=()))
+    assert base.encoder is None and all(b.cca is None for b in base.blocks)
+    assert not jax.tree.leaves(nnx.state(base, retrofit_filter))
+    inputs, _, neighbours = make_batch()
+    assert forward(base, inputs).shape == (2, 16, 64)
+    with pytest.raises(ValueError, match="baseline"):
+        base(inputs, neighbours)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(activation="geglu", neighbour_parts="neighbours", encoder_query_conditioning=False,
+         cca_relative_positions=False, remat="dots", dtype="bfloat16"),
+    pytest.param(dict(activation="swiglu", tie_embeddings=True, remat="full"),
+                 marks=pytest.mark.slow),
+    pytest.param(dict(activation="relu", neighbour_parts="continuations", d_model=16,
+                      num_heads=2), marks=pytest.mark.slow),
+])
+def test_variants_give_finite_loss_and_grads(overrides):
+    cfg = tiny_config(**overrides)
+    model = new_model(cfg, 1)
+    inputs, targets, neighbours = make_batch()
+    loss, grads = value_and_grad(model, inputs, targets, neighbours)
+    assert np.isfinite(float(loss))
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert forward(model, inputs, neighbours).dtype == jnp.float32  # logits fp32 in bf16 too
+    if not cfg.encoder_query_conditioning:
+        assert all(layer.cross_attention is None for layer in model.encoder.layers)
+
+
+def test_neighbour_parts_masks_the_dropped_half():
+    model = new_model(tiny_config(neighbour_parts="neighbours"))
+    inputs, _, neighbours = make_batch()
+    base = forward(model, inputs, neighbours)
+    # continuations are dropped: changing them changes nothing
+    changed = neighbours.at[..., CHUNK:].set(7)
+    np.testing.assert_allclose(forward(model, inputs, changed), base, rtol=1e-6, atol=1e-6)
+
+
+def test_cross_entropy_ignores_padding_and_chunked_matches():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 8, 11)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, size=(2, 8)), jnp.int32).at[0, :3].set(0)
+    total, count = cross_entropy(logits, targets)
+    logp = jax.nn.log_softmax(logits)
+    want = -sum(float(logp[b, t, targets[b, t]]) for b in range(2) for t in range(8)
+                if targets[b, t] != 0)
+    np.testing.assert_allclose(float(total), want, rtol=1e-5)
+    assert float(count) == int((np.asarray(targets) != 0).sum())
+    hidden = jnp.asarray(rng.normal(size=(2, 8, 5)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(5, 11)), jnp.float32)
+    mask = jnp.ones((2, 8), bool).at[1, -1].set(False)
+    got = chunked_cross_entropy(hidden, w, targets, mask, block_len=4)
+    ref = cross_entropy(hidden @ w, targets, mask)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    g1 = jax.grad(lambda h: chunked_cross_entropy(h, w, targets, mask, block_len=4)[0])(hidden)
+    g2 = jax.grad(lambda h: cross_entropy(h @ w, targets, mask)[0])(hidden)
+    np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+def _train(model, filt, steps=4):
+    inputs, targets, neighbours = make_batch(seed=3)
+    opt = nnx.Optimizer(model, optax.adamw(3e-3, weight_decay=0.01), wrt=filt)
+
+    @nnx.jit
+    def step(model, opt):
+        diff = nnx.DiffState(0, filt)
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=diff)(model, inputs, targets,
+                                                                 neighbours)
+        opt.update(model, grads)
+        return loss
+
+    return [float(step(model, opt)) for _ in range(steps)]
+
+
+def test_adamw_steps_reduce_loss():
+    model = new_model()
+    losses = _train(model, nnx.Param)
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_retrofit_changes_only_cca_and_encoder():
+    model = new_model()
+    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    before = {p: np.asarray(v.get_value()) for p, v in params}
+    losses = _train(model, retrofit_filter, steps=3)
+    assert losses[-1] < losses[0], losses
+    moved = set()
+    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if not np.array_equal(before[p], np.asarray(v.get_value())):
+            moved.add(p)
+    trainable = {p for p, _ in nnx.to_flat_state(nnx.state(model, retrofit_filter))}
+    assert moved and moved <= trainable
+    assert all("cca" in map(str, p) or str(p[0]) == "encoder" for p in trainable)
+    assert any(str(p[0]) == "encoder" for p in moved)
+
+
+def test_from_config_resolves_cca_layers():
+    from retro_jax.configs import get_base_config
+
+    c = get_base_config()
+    cfg = RetroConfig.from_config(c.model, c.database.chunk_len)
+    assert cfg.cca_layers == (6, 9, 12) and cfg.chunk_len == 64
+    c.model.num_layers = 24
+    assert RetroConfig.from_config(c.model, 64).cca_layers == (9, 12, 15, 18, 21, 24)
+    c.model.retrieval = False
+    assert RetroConfig.from_config(c.model, 64).cca_layers == ()
+    assert RetroConfig.from_config(c.model, 64).compute_dtype == jnp.float32  # CPU "auto"
