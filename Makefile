@@ -3,8 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# 8 fake CPU devices so that sharding is exercised on one machine (tests/conftest.py sets it too).
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+# Tests see 8 fake CPU devices (tests/conftest.py sets XLA_FLAGS before jax is imported).
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: demo test test-slow lint bench install clean-venv

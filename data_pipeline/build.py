@@ -222,6 +222,7 @@ def _stage_chunks(config, corpus, tokenizer: Tokenizer, split: str, first_doc_id
     inputs = _sha({"corpus": config.corpus.to_dict(), "tokenizer": tokenizer.sha256,
                    "chunk_len": db_cfg.chunk_len, "max_chunks": max_chunks,
                    "fraction": db_cfg.fraction if is_train else 1.0, "first_doc_id": first_doc_id,
+                   "max_document_chunks": db_cfg.max_document_chunks if is_train else -1,
                    "dedup": [db_cfg.dedup_against_eval, db_cfg.dedup_threshold,
                              db_cfg.dedup_ngram, db_cfg.dedup_num_perm] if is_train else None})
     directory = partial / split
@@ -239,7 +240,8 @@ def _stage_chunks(config, corpus, tokenizer: Tokenizer, split: str, first_doc_id
             chunk_len=db_cfg.chunk_len, first_doc_id=first_doc_id,
             max_chunks=max_chunks, truncate_last=is_train,
             fraction=db_cfg.fraction if is_train else 1.0,
-            drop=drop if is_train else None, progress=bar)
+            drop=drop if is_train else None, progress=bar,
+            max_document_chunks=db_cfg.max_document_chunks if is_train else -1)
     finally:
         bar.close()
     if is_train and stats.num_chunks == 0:

@@ -180,6 +180,15 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
+def _kept_bytes(tokenizer, kept_ids: list[int], full_bytes: int, share: float) -> int:
+    """UTF-8 bytes of a truncated document's kept tokens (a proportional estimate when the
+    tokenizer cannot decode)."""
+    decode = getattr(tokenizer, "decode", None)
+    if decode is None:
+        return int(round(full_bytes * share))
+    return len(decode([t for t in kept_ids if t > EOS_ID]).encode("utf-8"))
+
+
 def chunk_split(
     documents: Iterable,
     tokenizer: _Encoder,
@@ -194,6 +203,7 @@ def chunk_split(
     fraction: float = 1.0,
     drop=None,
     progress=None,
+    max_document_chunks: int = -1,
 ) -> SplitChunkStats:
     """Tokenize and chunk one split's documents into `directory`, rows into `documents_path`.
 
@@ -210,6 +220,8 @@ def chunk_split(
       fraction: keep this share of documents (by id hash).
       drop: optional callable(text) -> bool; True drops the document (deduplication).
       progress: optional tqdm bar, advanced by documents read.
+      max_document_chunks: keep at most this many leading chunks of each document (-1 = all),
+        so that a small chunk budget samples many documents instead of a few long ones.
     Returns:
       the split's SplitChunkStats (next_doc_id = the first id the next split may use).
     """
@@ -234,16 +246,24 @@ def chunk_split(
                 ids = list(ids) + [EOS_ID]
                 chunks = chunk_token_ids(ids, chunk_len)
                 num_tokens = len(ids)
-                if max_chunks >= 0 and stats.num_chunks + len(chunks) > max_chunks \
-                        and truncate_last:
-                    chunks = chunks[: max_chunks - stats.num_chunks]
-                    num_tokens = min(num_tokens, len(chunks) * chunk_len)
+                num_bytes = len(doc.text.encode("utf-8"))
+                keep = len(chunks)
+                if max_document_chunks >= 0:
+                    keep = min(keep, max_document_chunks)
+                if max_chunks >= 0 and stats.num_chunks + keep > max_chunks and truncate_last:
+                    keep = max_chunks - stats.num_chunks
+                if keep < len(chunks):
+                    chunks = chunks[:keep]
+                    num_tokens = min(num_tokens, keep * chunk_len)
+                    # The bytes of the text actually kept, so tokens/byte stays right.
+                    num_bytes = _kept_bytes(tokenizer, ids[:num_tokens], num_bytes,
+                                            num_tokens / len(ids))
                     stats.truncated_documents += 1
                 doc_id = stats.next_doc_id
                 row = {"doc_id": doc_id, "id": doc.id, "title": doc.title, "source": doc.source,
                        "split": split, "first_chunk": stats.num_chunks,
                        "num_chunks": int(len(chunks)), "num_tokens": num_tokens,
-                       "num_bytes": len(doc.text.encode("utf-8")),
+                       "num_bytes": num_bytes,
                        "num_words": word_count(doc.text)}
                 rows.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
                 writer.add(chunks, doc_id)

@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        # orbax logs every file it writes and warns about read-only managers at WARNING.
+        logging.getLogger("absl").setLevel(logging.ERROR)
     module_name, func_name, _ = COMMANDS[args.command]
     try:
         module = importlib.import_module(module_name)

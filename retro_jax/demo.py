@@ -112,7 +112,9 @@ def run_demo(args) -> int:
     _banner(3, "train: RETRO and its baseline (same decoder, same tokens)")
     for name, config in (("retro", retro_cfg), ("baseline", base_cfg)):
         t0 = time.perf_counter()
-        train(config, root / name)
+        if train(config, root / name).get("preempted"):
+            print("demo stopped by a signal; rerun `make demo` to resume", flush=True)
+            return 0
         lap(f"train {name}", t0)
 
     _banner(4, "eval: RETRO[ON], RETRO[OFF], baseline, leakage-filtered")

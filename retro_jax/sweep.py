@@ -32,13 +32,17 @@ log = logging.getLogger(__name__)
 DB_SECTIONS = ("corpus", "tokenizer", "database", "embedder", "index")
 
 
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM/SIGINT: the sweep stops and resumes on relaunch."""
+
+
 @dataclasses.dataclass
 class SweepRun:
     name: str
     spec: str
     config: object
     workdir: Path
-    status: str = "pending"  # pending | skipped | done | failed
+    status: str = "pending"  # pending | skipped | done | failed | interrupted
     error: str = ""
 
 
@@ -118,7 +122,8 @@ def execute(run: SweepRun) -> None:
     from retro_jax.train.loop import train
 
     build_database(run.config, run.config.database.path)
-    train(run.config, run.workdir)
+    if train(run.config, run.workdir).get("preempted"):
+        raise Preempted(f"{run.name} stopped by a signal; rerun the sweep to resume")
     for retrieval in _eval_modes(run.config):
         evaluate_run(run.config, run.workdir, retrieval=retrieval, leakage=True)
 
@@ -196,6 +201,10 @@ def sweep(specs: list[str], root: Path, *, overrides: list[str] = (),
         try:
             execute(run)
             run.status = "done"
+        except Preempted as e:
+            log.warning("%s", e)
+            run.status = "interrupted"
+            break
         except Exception as e:  # noqa: BLE001 - one failing ablation must not stop the others
             run.status, run.error = "failed", f"{type(e).__name__}: {e}"
             log.error("sweep: %s failed: %s\n%s", run.name, run.error, traceback.format_exc())

@@ -63,6 +63,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.database.shard_chunks = 4_000_000  # chunks per index shard (contiguous chunk ids)
     c.database.max_chunks = -1  # cap on database chunks; -1 = the whole train split
     c.database.max_eval_chunks = -1  # cap on validation/test chunks (whole docs); -1 = max_chunks
+    c.database.max_document_chunks = -1  # keep only each train document's first N chunks
     c.database.fraction = 1.0  # keep this share of the train documents (database-size ablation)
     c.database.eval_splits = ("validation", "test")  # splits whose chunks get keys (not indexed)
     c.database.dedup_against_eval = False  # drop train docs with 13-gram Jaccard >= threshold

@@ -40,6 +40,7 @@ MINIMUMS = {
     "database.chunk_len": 1,
     "database.shard_chunks": 1,
     "database.max_eval_chunks": -1,
+    "database.max_document_chunks": -1,
     "embedder.batch_size": 1,
     "embedder.max_wordpieces": 8,
     "index.num_neighbours": 1,
@@ -176,6 +177,8 @@ def validate_config(
                 "train.min_lr_ratio", "eval.knn_lm_lambda", "sample.top_p"):
         if not 0.0 <= found[key] <= 1.0:
             raise _fail(source, key, found[key], "must be between 0 and 1")
+    if found["database.max_document_chunks"] == 0:
+        raise _fail(source, "database.max_document_chunks", 0, "must be -1 (all) or >= 1")
     if found["database.fraction"] == 0.0:
         raise _fail(source, "database.fraction", 0.0, "must be > 0 (share of train documents)")
 

@@ -33,7 +33,9 @@ PAD_ID = 0
 
 # nnx filter: the parameters retrofitting trains (every CCA and the encoder); the rest of the
 # model (embedding, decoder self-attention and FFW, output) stays frozen.
+# `cca_norm` (the CCA pre-norm) is listed on its own: PathContains matches whole path parts.
 retrofit_filter = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("cca"),
+                                             nnx.PathContains("cca_norm"),
                                              nnx.PathContains("encoder")))
 
 

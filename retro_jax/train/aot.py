@@ -73,7 +73,6 @@ def compile_train_step(config, devices: list) -> dict:
     from retro_jax.models.retro import Retro, retrofit_filter
     from retro_jax.models.sharding import logical_axis_rules, make_mesh
     from retro_jax.train import metrics as metrics_lib
-    from retro_jax.train.loop import retrofit_trainable
     from retro_jax.train.optimizer import make_optimizer, schedule_from_config
     from retro_jax.train.state import TrainSetup
 
@@ -83,8 +82,7 @@ def compile_train_step(config, devices: list) -> dict:
     tc = config.train
     setup = TrainSetup.create(lambda rngs: Retro(model_cfg, rngs=rngs), make_optimizer(tc),
                               mesh, rules,
-                              trainable=(retrofit_trainable(retrofit_filter) if tc.retrofit
-                                         else nnx.Param))
+                              trainable=retrofit_filter if tc.retrofit else nnx.Param)
     step = setup.make_train_step(grad_accum=tc.grad_accum, schedule=schedule_from_config(tc))
     n, m, k = config.data.seq_len, config.database.chunk_len, config.data.num_neighbours
     batch = {"inputs": jax.ShapeDtypeStruct((tc.batch_size, n), jnp.int32),

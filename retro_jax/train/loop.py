@@ -97,15 +97,6 @@ class _StopRequest:
         return bool(np.max(flags))
 
 
-def retrofit_trainable(retrofit_filter):
-    """What retrofitting trains: the model's `retrofit_filter` (CCA + encoder) and the CCA
-    layers' own pre-norms (`cca_norm`), which a baseline lacks as well and which would
-    otherwise stay at their initialisation forever."""
-    from flax import nnx
-
-    return nnx.Any(retrofit_filter, nnx.All(nnx.Param, nnx.PathContains("cca_norm")))
-
-
 # ----------------------------------------------------------------------- loop
 def train(config, workdir: str | Path, *, batches: BatchFactory | None = None,
           eval_batches: Callable[[], Iterator[dict]] | None = None, database: Any = None,
@@ -156,7 +147,7 @@ def train(config, workdir: str | Path, *, batches: BatchFactory | None = None,
     if batches is None:  # fail fast, before any compilation, when the database is missing
         db = db or open_training_database(config, workdir)
     model_cfg = RetroConfig.from_config(config.model, config.database.chunk_len)
-    trainable = retrofit_trainable(retrofit_filter) if tc.retrofit else nnx.Param
+    trainable = retrofit_filter if tc.retrofit else nnx.Param
     setup = TrainSetup.create(lambda rngs: Retro(model_cfg, rngs=rngs), make_optimizer(tc),
                               mesh, rules, trainable=trainable)
     schedule = schedule_from_config(tc)
@@ -219,6 +210,7 @@ def train(config, workdir: str | Path, *, batches: BatchFactory | None = None,
     window = {"steps": 0, "wait": 0.0, "start": None}
     last: dict = {}
     step = start_step
+    stopping = False
 
     def fetch_pending() -> list[tuple[int, dict]]:
         """Host values of the buffered metrics; TrainingDiverged at the first bad step."""
@@ -311,7 +303,9 @@ def train(config, workdir: str | Path, *, batches: BatchFactory | None = None,
             source.close()
         ckpt.wait()
         ckpt.close()
-    return {"step": step, **last}
+    # `preempted`: stopped by a signal before train.num_steps; callers that chain stages after
+    # training (demo, sweep) stop too, so the whole job exits and resumes on relaunch.
+    return {"step": step, "preempted": bool(stopping), **last}
 
 
 def _check_batch_divides_mesh(config, mesh, rules) -> None:
