@@ -153,14 +153,14 @@ def test_overrides_are_typed(tmp_path):
     config = load_config(
         str(REPO / "experiments/demo.py"),
         ["train.num_steps=7", "model.cca_layers=(1,3)", "model.retrieval=false",
-         "train.learning_rate=1", "name=abc", "model.encoder_cross_attend_layers=2"],
+         "train.learning_rate=1", "name=abc", "model.encoder_cross_attend_layers=1"],
     )
     assert config.train.num_steps == 7
     assert config.model.cca_layers == (1, 3)
     assert config.model.retrieval is False
     assert isinstance(config.train.learning_rate, float)
     assert config.name == "abc"
-    assert config.model.encoder_cross_attend_layers == (2,)
+    assert config.model.encoder_cross_attend_layers == (1,)
 
 
 @pytest.mark.parametrize("override,expected", [

@@ -39,18 +39,6 @@ from retro_jax.evaluate.results import (
 log = logging.getLogger(__name__)
 
 
-def open_database(config, workdir: Path):
-    from data_pipeline.database import RetrievalDatabase
-    from data_pipeline.errors import DataError
-
-    path = Path(config.database.path) if config.database.path else Path(workdir) / "db"
-    if not (path / "manifest.json").is_file():
-        raise DataError(f"no retrieval database at {path} (manifest.json missing): run "
-                        f"`retro-jax build-db --config ... --workdir {workdir}` first, or set "
-                        "database.path")
-    return RetrievalDatabase.open(path, expect_chunk_len=config.database.chunk_len)
-
-
 def latest_step(workdir: Path) -> int | None:
     """The step of the run's newest checkpoint, or None (informational: never raises)."""
     try:
@@ -119,7 +107,9 @@ def evaluate_run(
         knn_max_entries = int(config.eval.knn_lm_max_entries)
     k_on = int(num_neighbours if num_neighbours is not None else config.eval.num_neighbours)
     mode = eval_mode(bool(config.model.retrieval), retrieval, knn_lm)
-    db = open_database(config, workdir)
+    from retro_jax.train.data import open_run_database
+
+    db = open_run_database(config, workdir)
     mesh = make_mesh(config.mesh)
     rules = logical_axis_rules(config.mesh)
     model = load_trained_model(workdir, config, mesh=mesh)

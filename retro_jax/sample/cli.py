@@ -55,14 +55,6 @@ def single_device_mesh(mesh_cfg):
     return make_mesh(cfg, devices=jax.devices()[:1])
 
 
-def open_run_database(config, workdir: Path, embedder_name: str | None):
-    from data_pipeline.database import RetrievalDatabase
-
-    path = Path(config.database.path) if config.database.path else Path(workdir) / "db"
-    return RetrievalDatabase.open(path, expect_chunk_len=config.database.chunk_len,
-                                  expect_embedder=embedder_name)
-
-
 def make_embedder(config):
     """The frozen BERT that keys generated chunks (batch of one, on one device)."""
     import jax
@@ -91,6 +83,7 @@ def sample_run(config, workdir: Path, prompt: str, *, max_tokens: int, temperatu
     embedder the database's keys were made with.
     """
     from retro_jax.sample.generate import DatabaseRetriever, attribution, generate
+    from retro_jax.train.data import open_run_database
     from retro_jax.train.restore import load_trained_model
 
     db = open_run_database(config, workdir,

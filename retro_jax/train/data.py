@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 BatchFactory = Callable[[int], Iterator[dict]]
 
 
-def open_training_database(config, workdir: Path):
-    """The run's retrieval database, or a DataError saying to build it first."""
+def open_run_database(config, workdir: Path, embedder_name: str | None = None):
+    """The run's retrieval database (`database.path`, else `<workdir>/db`), checked against
+    the config's chunk length (and embedder, when given); a DataError says to build it first.
+    Training, evaluation and sampling all open it here."""
     from data_pipeline.database import RetrievalDatabase
     from data_pipeline.errors import DataError
 
@@ -30,7 +32,8 @@ def open_training_database(config, workdir: Path):
         raise DataError(f"no retrieval database at {path} (manifest.json missing): run "
                         f"`retro-jax build-db --config ... --workdir {workdir}` first, or set "
                         "database.path")
-    return RetrievalDatabase.open(path, expect_chunk_len=config.database.chunk_len)
+    return RetrievalDatabase.open(path, expect_chunk_len=config.database.chunk_len,
+                                  expect_embedder=embedder_name)
 
 
 def pipeline_batches(config, db, mesh, rules, split: str = "train", *, shuffle: bool = True,

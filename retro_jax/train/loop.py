@@ -32,7 +32,7 @@ import numpy as np
 
 from retro_jax.train.data import (
     BatchFactory,
-    open_training_database,
+    open_run_database,
     pipeline_batches,
     to_global,
 )
@@ -145,7 +145,7 @@ def train(config, workdir: str | Path, *, batches: BatchFactory | None = None,
     _check_batch_divides_mesh(config, mesh, rules)
     db = database
     if batches is None:  # fail fast, before any compilation, when the database is missing
-        db = db or open_training_database(config, workdir)
+        db = db or open_run_database(config, workdir)
     model_cfg = RetroConfig.from_config(config.model, config.database.chunk_len)
     trainable = retrofit_filter if tc.retrofit else nnx.Param
     setup = TrainSetup.create(lambda rngs: Retro(model_cfg, rngs=rngs), make_optimizer(tc),
