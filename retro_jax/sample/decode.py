@@ -205,12 +205,8 @@ def _choose(settings: SamplingSettings, logits, base_key, pos):
     return settings.choose(logits, base_key, pos)
 
 
-class CachedDecoder:
-    """Token-by-token decoding with a KV cache; each `feed` is one compiled call.
-
-    decoder = CachedDecoder(model, batch=1, max_len=256, num_neighbours=2, temperature=0)
-    next_tokens = decoder.feed(tokens [B], pos, neighbours [B, k, 2m] | None)
-    """
+class _Decoder:
+    """What both decoders hold: the model split for jit, the sampling settings and key."""
 
     def __init__(self, model: Retro, *, batch: int, max_len: int, num_neighbours: int,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0):
@@ -223,6 +219,17 @@ class CachedDecoder:
         self._settings = SamplingSettings(float(temperature), int(top_k), float(top_p))
         self._base_key = jax.random.key(seed)
         self.reset()
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+
+class CachedDecoder(_Decoder):
+    """Token-by-token decoding with a KV cache; each `feed` is one compiled call.
+
+    decoder = CachedDecoder(model, batch=1, max_len=256, num_neighbours=2, temperature=0)
+    next_tokens = decoder.feed(tokens [B], pos, neighbours [B, k, 2m] | None)
+    """
 
     def reset(self) -> None:
         self.cache = init_cache(self._model, self.batch, self.max_len, self.num_neighbours)
@@ -268,24 +275,13 @@ def _full_forward(graphdef, state, tokens, neighbours):
     return model(tokens, neighbours, return_cca_attention=True)
 
 
-class UncachedDecoder:
+class UncachedDecoder(_Decoder):
     """The reference: the full model forward over the padded sequence `[B, T]` every token.
 
     Causal masking makes padding after `pos` invisible to positions <= pos, and chunks not yet
     completed have no neighbours (all-padding rows, CCA output zero), so the logits at `pos`
     equal those of a forward over exactly the tokens fed so far.
     """
-
-    def __init__(self, model: Retro, *, batch: int, max_len: int, num_neighbours: int,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0):
-        self.cfg = model.cfg
-        self.max_len = max_len
-        self.num_neighbours = num_neighbours
-        self.batch = batch
-        self._graphdef, self._state = nnx.split(model)
-        self._settings = SamplingSettings(float(temperature), int(top_k), float(top_p))
-        self._base_key = jax.random.key(seed)
-        self.reset()
 
     def reset(self) -> None:
         m = self.cfg.chunk_len
