@@ -89,20 +89,15 @@ def plan_runs(specs: list[str], root: Path, overrides: list[str], num_devices: i
     return runs
 
 
-def _latest_step(workdir: Path) -> int | None:
-    from retro_jax.evaluate.runner import _latest_step as latest
-
-    return latest(workdir)
-
-
 def _eval_modes(config) -> list[str]:
     return ["on", "off"] if config.model.retrieval else ["on"]
 
 
 def _is_finished(run: SweepRun) -> bool:
     from retro_jax.evaluate.results import eval_mode, result_path
+    from retro_jax.evaluate.runner import latest_step
 
-    step = _latest_step(run.workdir)
+    step = latest_step(run.workdir)
     if step is None or step < run.config.train.num_steps:
         return False
     ckpt = run.workdir / "checkpoints" / str(step)

@@ -52,9 +52,6 @@ def latest_step(workdir: Path) -> int | None:
         return None
 
 
-_latest_step = latest_step  # the name retro_jax/sweep.py imports
-
-
 def knn_datastore(config, workdir: Path, db, scorer, *, step: int | None,
                   max_entries: int, progress: bool = True) -> Datastore:
     """The run's kNN-LM datastore over the train split (built once, then reused)."""
