@@ -1,4 +1,6 @@
-"""`retro-jax build-db`: corpus -> tokenizer -> chunks -> frozen-BERT keys -> ScaNN shards.
+"""`retro-jax build-db`: corpus -> tokenizer -> chunks -> frozen-BERT keys -> ScaNN shards
+(database.retriever "bert"), or -> BM25 index + per-split BM25 candidates ("bm25",
+data_pipeline/build_bm25.py).
 
 The database is written into `<db>.partial/` and renamed into place at the end. Every unit
 of work leaves a done-marker in `<db>.partial/.build/` holding the fingerprint of its inputs
@@ -8,32 +10,42 @@ and the sha256 of its outputs:
     chunks_<split>.json            tokens.npy, doc_ids.npy and the split's document rows
     keys_<split>/block_XXXXX.json  one block of key rows in <split>/keys.npy
     shard_XXXXX.json               one index shard directory
+    bm25_index.json                the BM25 index directory (retriever "bm25")
+    bm25_<split>/block_XXXXX.json  one block of rows in <split>/bm25_candidates.npy
 
 A rerun (after a crash or `kill -9`) skips every unit whose marker matches its inputs and
-outputs and redoes the rest, so the result is byte-identical to an uninterrupted build.
-Changing a config key redoes the stage it feeds and everything downstream (the fingerprints
-chain: keys include the tokens' sha256, shards the keys' block sha256s). The manifest holds no
-timestamps; stage timings go to `build_times.json`.
+outputs and redoes the rest, so the result is byte-identical to an uninterrupted build (the
+machinery is data_pipeline/build_state.py). Changing a config key redoes the stage it feeds
+and everything downstream (the fingerprints chain: keys include the tokens' sha256, shards
+the keys' block sha256s). The manifest holds no timestamps; stage timings go to
+`build_times.json`.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
-import json
 import logging
 import os
 import shutil
-import signal
-import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from data_pipeline import chunks as chunking
+from data_pipeline.build_bm25 import build_bm25, remove_other_retriever_files
+from data_pipeline.build_state import (
+    KILL_ENV,
+    STATE_DIR,
+    Markers,
+    dir_sha256,
+    event,
+    progress,
+    write_row_blocks,
+)
+from data_pipeline.build_state import fingerprint as _sha
 from data_pipeline.database import (
     BUILD_TIMES_FILE,
     DOCUMENTS_FILE,
@@ -49,10 +61,8 @@ from data_pipeline.database import (
 from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import Tokenizer, file_sha256, load_tokenizer, train_tokenizer
 
+__all__ = ["KILL_ENV", "STATE_DIR", "build_database", "run_build_db"]
 log = logging.getLogger(__name__)
-STATE_DIR = ".build"
-# Test hook: the build SIGKILLs itself when it reaches this event (see _event).
-KILL_ENV = "RETRO_JAX_BUILD_KILL_AT"
 
 
 class Embedder(Protocol):
@@ -60,90 +70,6 @@ class Embedder(Protocol):
     dim: int
 
     def embed(self, texts: list[str]) -> np.ndarray: ...  # float32 [N, dim]
-
-
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _dir_sha256(path: Path) -> str:
-    """sha256 over a directory's relative file names and contents (sorted)."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode() + b"\0")
-        digest.update(file_sha256(file).encode())
-    return digest.hexdigest()
-
-
-def _event(name: str) -> None:
-    """Crash-test hook: `RETRO_JAX_BUILD_KILL_AT=<name>` kills the process here (SIGKILL)."""
-    log.debug("build event %s", name)
-    if os.environ.get(KILL_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-class _LogProgress:
-    """tqdm's update/close for logs (no TTY): a line every `interval` s and at the end, with
-    the rate and, when the total is known, the ETA."""
-
-    def __init__(self, total: int | None, desc: str, unit: str, interval: float = 30.0):
-        self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
-        self.n = self.logged_n = 0
-        self.start = self.last = time.perf_counter()
-
-    def _log(self, now: float) -> None:
-        self.logged_n = self.n
-        rate = self.n / max(now - self.start, 1e-9)
-        eta = (f", ETA {(self.total - self.n) / rate:.0f}s" if self.total and rate > 0
-               else "")
-        of = f"/{self.total:,}" if self.total else ""
-        log.info("%s: %s%s %s (%.1f %s/s%s)", self.desc, f"{self.n:,}", of, self.unit, rate,
-                 self.unit, eta)
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        now = time.perf_counter()
-        if now - self.last >= self.interval:
-            self.last = now
-            self._log(now)
-
-    def close(self) -> None:
-        if self.n != self.logged_n or self.n == 0:
-            self._log(time.perf_counter())
-
-
-def _progress(total: int | None, desc: str, unit: str):
-    """A tqdm bar (rate, ETA) on a terminal, periodic log lines otherwise."""
-    if not sys.stderr.isatty():
-        return _LogProgress(total, desc, unit)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True)
-
-
-class _Markers:
-    """Done-markers under `<partial>/.build/`: JSON {inputs, outputs, ...}."""
-
-    def __init__(self, root: Path):
-        self.root = root / STATE_DIR
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def get(self, name: str, inputs: str) -> dict | None:
-        path = self.root / f"{name}.json"
-        if not path.is_file():
-            return None
-        try:
-            marker = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None
-        return marker if marker.get("inputs") == inputs else None
-
-    def put(self, name: str, inputs: str, **fields) -> dict:
-        path = self.root / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        marker = {"inputs": inputs, **fields}
-        write_json_atomic(path, marker)
-        return marker
 
 
 def _open_corpus(corpus_cfg):
@@ -177,7 +103,7 @@ def _dedup_filter(config, corpus):
 
             index = NearDuplicateFilter(threshold=db_cfg.dedup_threshold,
                                         ngram=db_cfg.dedup_ngram, num_perm=db_cfg.dedup_num_perm)
-            bar = _progress(None, "dedup index (eval docs)", "doc")
+            bar = progress(None, "dedup index (eval docs)", "doc")
             for split in ("validation", "test"):
                 for doc in corpus.documents(split):
                     index.add(doc.text)
@@ -190,7 +116,7 @@ def _dedup_filter(config, corpus):
 
 
 # ---------------------------------------------------------------------------- stages
-def _stage_tokenizer(config, corpus, partial: Path, markers: _Markers) -> Tokenizer:
+def _stage_tokenizer(config, corpus, partial: Path, markers: Markers) -> Tokenizer:
     tok_cfg = config.tokenizer
     source_sha = file_sha256(tok_cfg.model_path) if tok_cfg.model_path else None
     inputs = _sha({"corpus": config.corpus.to_dict(), "tokenizer": tok_cfg.to_dict(),
@@ -213,7 +139,7 @@ def _stage_tokenizer(config, corpus, partial: Path, markers: _Markers) -> Tokeni
 
 
 def _stage_chunks(config, corpus, tokenizer: Tokenizer, split: str, first_doc_id: int,
-                  partial: Path, markers: _Markers, drop) -> dict:
+                  partial: Path, markers: Markers, drop) -> dict:
     db_cfg = config.database
     is_train = split == "train"
     max_chunks = db_cfg.max_chunks
@@ -233,7 +159,7 @@ def _stage_chunks(config, corpus, tokenizer: Tokenizer, split: str, first_doc_id
     if marker and all(f.is_file() and file_sha256(f) == marker["sha256"][k]
                       for k, f in files.items()):
         return marker
-    bar = _progress(None, f"chunk {split}", "doc")
+    bar = progress(None, f"chunk {split}", "doc")
     try:
         stats = chunking.chunk_split(
             corpus.documents(split), tokenizer, directory, rows_path, split=split,
@@ -254,63 +180,29 @@ def _stage_chunks(config, corpus, tokenizer: Tokenizer, split: str, first_doc_id
 
 def _stage_keys(tokenizer: Tokenizer, embedder: Embedder, split: str, tokens_sha: str,
                 embedder_inputs: dict, block_chunks: int, partial: Path,
-                markers: _Markers) -> str:
+                markers: Markers) -> str:
     """Embed a split's chunks into <split>/keys.npy block by block. Returns the keys'
     fingerprint (sha256 over the block checksums)."""
     tokens = np.load(partial / split / "tokens.npy", mmap_mode="r")
-    n = tokens.shape[0]
-    path = partial / split / "keys.npy"
-    shape = (n, embedder.dim)
-    keys = None
-    if path.is_file():
-        try:
-            keys = np.load(path, mmap_mode="r+")
-            if keys.shape != shape or keys.dtype != np.float32:
-                keys = None
-        except (ValueError, OSError):
-            keys = None
-    if keys is None:
-        keys = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    # One bar for the stage: the embedder's own per-call bar is turned off.
+    takes_progress = "progress" in inspect.signature(embedder.embed).parameters
+    embed = (functools.partial(embedder.embed, progress=False) if takes_progress
+             else embedder.embed)
+
+    def compute(rows: slice) -> np.ndarray:
+        return embed([tokenizer.decode(row) for row in np.asarray(tokens[rows])])
+
     inputs = _sha({"tokens": tokens_sha, "embedder": embedder_inputs, "dim": embedder.dim,
                    "block_chunks": block_chunks})
-    num_blocks = -(-n // block_chunks)
-    block_shas = []
-    todo = []
-    for b in range(num_blocks):
-        rows = slice(b * block_chunks, min(n, (b + 1) * block_chunks))
-        marker = markers.get(f"keys_{split}/block_{b:05d}", inputs)
-        if marker and hashlib.sha256(keys[rows].tobytes()).hexdigest() == marker["sha256"]:
-            block_shas.append(marker["sha256"])
-        else:
-            block_shas.append(None)
-            todo.append(b)
-    if todo:
-        # One bar for the stage: the embedder's own per-call bar is turned off.
-        takes_progress = "progress" in inspect.signature(embedder.embed).parameters
-        embed = (functools.partial(embedder.embed, progress=False) if takes_progress
-                 else embedder.embed)
-        bar = _progress(sum(min(n, (b + 1) * block_chunks) - b * block_chunks for b in todo),
-                        f"keys {split}", "chunk")
-        for b in todo:
-            rows = slice(b * block_chunks, min(n, (b + 1) * block_chunks))
-            texts = [tokenizer.decode(row) for row in np.asarray(tokens[rows])]
-            block = np.asarray(embed(texts), dtype=np.float32)
-            if block.shape != (len(texts), embedder.dim):
-                raise RuntimeError(f"embedder returned {block.shape} for {len(texts)} texts")
-            keys[rows] = block
-            keys.flush()
-            _event(f"keys/{split}/block_{b:05d}/written")
-            sha = hashlib.sha256(keys[rows].tobytes()).hexdigest()
-            markers.put(f"keys_{split}/block_{b:05d}", inputs, sha256=sha)
-            block_shas[b] = sha
-            bar.update(len(texts))
-        bar.close()
-    del keys
-    return _sha([inputs, block_shas])
+    return write_row_blocks(partial / split / "keys.npy",
+                            shape=(int(tokens.shape[0]), embedder.dim), dtype=np.float32,
+                            inputs=inputs, block_rows=block_chunks, markers=markers,
+                            name=f"keys_{split}", event_prefix=f"keys/{split}",
+                            compute=compute, desc=f"keys {split}")
 
 
 def _stage_index(index_cfg, shard_chunks: int, keys_fingerprint: str, partial: Path,
-                 markers: _Markers) -> list[dict]:
+                 markers: Markers) -> list[dict]:
     """Build one ScaNN searcher per `shard_chunks` contiguous train chunks."""
     from data_pipeline.index import IndexParams, build_shard
 
@@ -318,7 +210,7 @@ def _stage_index(index_cfg, shard_chunks: int, keys_fingerprint: str, partial: P
     n = keys.shape[0]
     shards = []
     starts = range(0, n, shard_chunks)
-    bar = _progress(n, "index", "chunk")
+    bar = progress(n, "index", "chunk")
     for i, first in enumerate(starts):
         count = min(shard_chunks, n - first)
         rel = shard_dir_name(i)
@@ -327,15 +219,15 @@ def _stage_index(index_cfg, shard_chunks: int, keys_fingerprint: str, partial: P
                        "count": count})
         target = partial / rel
         marker = markers.get(f"shard_{i:05d}", inputs)
-        if not (marker and target.is_dir() and _dir_sha256(target) == marker["sha256"]):
+        if not (marker and target.is_dir() and dir_sha256(target) == marker["sha256"]):
             if target.exists():
                 shutil.rmtree(target)
             target.parent.mkdir(exist_ok=True)
             searcher = build_shard(keys[first:first + count], params, first_chunk=first)
-            _event(f"index/shard_{i:05d}/built")
+            event(f"index/shard_{i:05d}/built")
             searcher.save(target)
-            _event(f"index/shard_{i:05d}/saved")
-            marker = markers.put(f"shard_{i:05d}", inputs, sha256=_dir_sha256(target),
+            event(f"index/shard_{i:05d}/saved")
+            marker = markers.put(f"shard_{i:05d}", inputs, sha256=dir_sha256(target),
                                  params=params.to_json())
         shards.append({"first_chunk": first, "num_chunks": count, "dir": rel,
                        "params": marker.get("params", {})})
@@ -402,22 +294,22 @@ def build_database(
       force: rebuild even if a complete database exists there (a partial build resumes).
       corpus: a Corpus (default: data_pipeline.corpora.open_corpus(config.corpus)).
       embedder: anything with .name, .dim, .embed(texts) (default: ChunkEmbedder from
-        config.embedder).
-      key_block_chunks: chunks embedded per resumable block (default: 16 embedder batches,
-        at least 1024).
+        config.embedder); unused (never loaded) for database.retriever "bm25".
+      key_block_chunks: chunks per resumable block of keys or BM25 candidates (default: 16
+        embedder batches, at least 1024; 4096 for BM25 candidates).
     Returns:
       the opened, checked database.
     """
     db_path = Path(db_path)
     db_cfg = config.database
-    if db_cfg.retriever == "bm25":
-        raise DataError("database.retriever='bm25' is not implemented by build-db yet; use "
-                        "database.retriever='bert'")
+    retriever = str(db_cfg.retriever)
+    bert = retriever == "bert"
     if db_path.exists() and not force:
         log.info("database %s exists; pass --force to rebuild it", db_path)
         name = embedder.name if embedder is not None else config.embedder.name
         return RetrievalDatabase.open(db_path, expect_chunk_len=db_cfg.chunk_len,
-                                      expect_embedder=name)
+                                      expect_embedder=name if bert else None,
+                                      expect_retriever=retriever)
     times: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -435,7 +327,7 @@ def build_database(
         return db
     corpus = corpus if corpus is not None else _open_corpus(config.corpus)
     partial.mkdir(parents=True, exist_ok=True)
-    markers = _Markers(partial)
+    markers = Markers(partial)
 
     tokenizer = _stage_tokenizer(config, corpus, partial, markers)
     lap("tokenizer")
@@ -449,29 +341,41 @@ def build_database(
         next_doc_id = chunk_markers[split]["stats"]["next_doc_id"]
     lap("chunks")
 
-    embedder = embedder if embedder is not None else _make_embedder(config.embedder)
-    block = key_block_chunks or max(1024, 16 * config.embedder.batch_size)
-    emb_inputs = {"name": embedder.name, **config.embedder.to_dict()}
-    keys_fp = {}
-    for split in splits:
-        keys_fp[split] = _stage_keys(tokenizer, embedder, split,
-                                     chunk_markers[split]["sha256"]["tokens"], emb_inputs,
-                                     block, partial, markers)
-    lap("keys")
-
-    shards = _stage_index(config.index, db_cfg.shard_chunks, keys_fp["train"], partial, markers)
-    lap("index")
-    # Below index.recall_floor this raises; the partial build keeps its keys, so a rerun
-    # with more index.num_leaves_to_search rebuilds only the index.
-    recall = _stage_recall(config.index, partial, shards, [s for s in splits if s != "train"])
-    lap("recall")
+    remove_other_retriever_files(partial, retriever, splits)
+    shards: list[dict] = []
+    bm25_info = recall = None
+    if bert:
+        embedder = embedder if embedder is not None else _make_embedder(config.embedder)
+        block = key_block_chunks or max(1024, 16 * config.embedder.batch_size)
+        emb_inputs = {"name": embedder.name, **config.embedder.to_dict()}
+        keys_fp = {}
+        for split in splits:
+            keys_fp[split] = _stage_keys(tokenizer, embedder, split,
+                                         chunk_markers[split]["sha256"]["tokens"], emb_inputs,
+                                         block, partial, markers)
+        lap("keys")
+        shards = _stage_index(config.index, db_cfg.shard_chunks, keys_fp["train"], partial,
+                              markers)
+        lap("index")
+        # Below index.recall_floor this raises; the partial build keeps its keys, so a rerun
+        # with more index.num_leaves_to_search rebuilds only the index.
+        recall = _stage_recall(config.index, partial, shards,
+                               [s for s in splits if s != "train"])
+        lap("recall")
+    else:
+        bm25_info = build_bm25(
+            tokenizer, splits, {s: chunk_markers[s]["sha256"] for s in splits},
+            num_candidates=int(config.index.num_neighbours),
+            block_rows=key_block_chunks or 4096, partial=partial, markers=markers)
+        lap("bm25")
 
     writer = DatabaseWriter(db_path, chunk_len=db_cfg.chunk_len,
                             tokenizer_path=partial / TOKENIZER_FILE,
-                            embedder_name=embedder.name, embed_dim=embedder.dim,
+                            embedder_name=embedder.name if bert else "bm25",
+                            embed_dim=embedder.dim if bert else 0,
                             corpus={"kind": config.corpus.kind,
                                     "description": getattr(corpus, "description", "")},
-                            resume=True)
+                            resume=True, retriever=retriever)
     for stale in ("validation", "test"):  # left by an earlier attempt with other eval_splits
         if stale not in splits and (partial / stale).exists():
             shutil.rmtree(partial / stale)
@@ -481,12 +385,14 @@ def build_database(
                 shutil.copyfileobj(rows, out)
     for split in splits:
         stats = chunk_markers[split]["stats"]
-        writer.record_split(split, num_chunks=stats["num_chunks"], has_keys=True,
+        writer.record_split(split, num_chunks=stats["num_chunks"], has_keys=bert,
                             num_documents=stats["num_documents"], num_tokens=stats["num_tokens"],
-                            num_bytes=stats["num_bytes"])
+                            num_bytes=stats["num_bytes"], has_bm25_candidates=not bert)
     for shard in shards:  # already saved under their directories
         writer.add_shard(shard["first_chunk"], shard["num_chunks"])
-    writer.index_info = {"params": shards[0]["params"] if shards else {}, **recall}
+    if bert:
+        writer.index_info = {"params": shards[0]["params"] if shards else {}, **recall}
+    writer.bm25_info = bm25_info
     train_stats = chunk_markers["train"]["stats"]
     writer.dedup_info = {"removed": train_stats["skipped_dedup"],
                          "threshold": db_cfg.dedup_threshold if db_cfg.dedup_against_eval
@@ -497,7 +403,7 @@ def build_database(
     # From here <db>.partial is a complete database; a crash before the rename is finished by
     # the rerun (see the top of this function).
     shutil.rmtree(markers.root)
-    _event("finalize/markers_removed")
+    event("finalize/markers_removed")
     db = publish(db_path, overwrite=True)
     _print_summary(db, times)
     return db
@@ -513,9 +419,13 @@ def _print_summary(db: RetrievalDatabase, times: dict[str, float]) -> None:
     for split, info in m["splits"].items():
         lines.append(f"  {split:<10} {info['num_chunks']:>10,} chunks  "
                      f"{info['num_documents']:>8,} documents  {info['num_tokens']:>12,} tokens")
-    recall = m["index"].get("recall_at_10")
-    lines.append(f"  index      {len(m['shards'])} shard(s), recall@10 {recall} "
-                 f"({m['index'].get('recall_query_source')})")
+    if m.get("retriever", "bert") == "bm25":
+        lines.append(f"  bm25       top-{m['bm25']['num_candidates']} candidates per chunk "
+                     f"(bm25s {m['bm25'].get('bm25s_version')})")
+    else:
+        recall = m["index"].get("recall_at_10")
+        lines.append(f"  index      {len(m['shards'])} shard(s), recall@10 {recall} "
+                     f"({m['index'].get('recall_query_source')})")
     lines.append("  time       " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
     lines.append(f"  size       {_dir_bytes(db.path) / 1e6:.1f} MB")
     print("\n".join(lines), flush=True)

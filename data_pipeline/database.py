@@ -7,15 +7,22 @@ Layout (docs/ARCHITECTURE.md, "Retrieval database directory"):
     <db>/documents.jsonl        one row per document (doc_id, id, title, source, split, ...)
     <db>/<split>/tokens.npy     int32 [num_chunks, m], pad 0
     <db>/<split>/doc_ids.npy    int64 [num_chunks]
-    <db>/<split>/keys.npy       float32 [num_chunks, dim]
+    <db>/<split>/keys.npy       float32 [num_chunks, dim]        (retriever "bert")
     <db>/index/shard_XXXXX/     ScaNN searcher over train chunks [first, first + num)
+    <db>/<split>/bm25_candidates.npy  int64 [num_chunks, K]     (retriever "bm25")
+    <db>/bm25/                  the BM25 index over the train chunks (data_pipeline/bm25.py)
+
+`manifest["retriever"]` says which ("bert" when absent: databases written before BM25).
+A "bm25" database has no keys and no ScaNN index: each chunk of every split has its top-K
+BM25 candidates among the train chunks, computed at build time, and `manifest["bm25"]`
+holds K (`num_candidates`) and the scoring parameters.
 
 `RetrievalDatabase.open` reads the manifest and checks every file it names (present, the
 right dtype and shape, not truncated) and the caller's expectations (chunk length,
-tokenizer, embedder); any mismatch is a `DataError` that names the file and the command to
-run. `DatabaseWriter` writes a database into `<db>.partial/` and renames it into place; the
-build (data_pipeline/build.py) streams large arrays into the same layout, tests write small
-databases with `write_split`.
+tokenizer, embedder, retriever); any mismatch is a `DataError` that names the file and the
+command to run. `DatabaseWriter` (data_pipeline/database_writer.py, re-exported here) writes
+a database into `<db>.partial/` and renames it into place; the build (data_pipeline/build.py)
+streams large arrays into the same layout, tests write small databases with `write_split`.
 
 The manifest holds no timestamps, so two builds of the same inputs are byte-identical;
 build timings go to `<db>/build_times.json`, which nothing checks.
@@ -25,8 +32,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -48,7 +54,9 @@ ARRAYS = {
     "tokens": (np.int32, "chunk_len"),
     "doc_ids": (np.int64, None),
     "keys": (np.float32, "dim"),
+    "bm25_candidates": (np.int64, "num_candidates"),
 }
+RETRIEVERS = ("bert", "bm25")
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -121,8 +129,15 @@ class RetrievalDatabase:
         self.manifest = manifest
         self.chunk_len: int = int(manifest["chunk_len"])
         self.embed_dim: int = int(manifest["embedder"]["dim"])
+        self.retriever: str = str(manifest.get("retriever", "bert"))
+        # K of the bm25 candidate tables (None for a "bert" database).
+        bm25 = manifest.get("bm25") or {}
+        self.num_candidates: int | None = (int(bm25["num_candidates"])
+                                           if "num_candidates" in bm25 else None)
         self._splits: dict[str, SplitArrays] = {}
+        self._candidates: dict[str, np.ndarray] = {}
         self._searcher = None
+        self._bm25_index = None
 
     # ------------------------------------------------------------------ open + checks
     @classmethod
@@ -133,6 +148,7 @@ class RetrievalDatabase:
         expect_chunk_len: int | None = None,
         expect_tokenizer_sha256: str | None = None,
         expect_embedder: str | tuple[str, int] | Mapping | None = None,
+        expect_retriever: str | None = None,
     ) -> RetrievalDatabase:
         """Open the database at `path` and check it; DataError on any mismatch.
 
@@ -140,6 +156,7 @@ class RetrievalDatabase:
           expect_chunk_len: the caller's m (config database.chunk_len).
           expect_tokenizer_sha256: sha256 of the tokenizer the caller uses.
           expect_embedder: embedder name, (name, dim) or {"name", "dim"} the caller uses.
+          expect_retriever: "bert" or "bm25" (config database.retriever).
         """
         path = Path(path)
         manifest_path = path / MANIFEST
@@ -160,9 +177,21 @@ class RetrievalDatabase:
         if manifest.get("complete") is not True:
             raise DataError(f"{manifest_path}: the database is not complete; {_fix_hint(path)}")
         db = cls(path, manifest)
+        db.check_retriever(expect_retriever)
         db._check_expectations(expect_chunk_len, expect_tokenizer_sha256, expect_embedder)
         db._check_files()
         return db
+
+    def check_retriever(self, expected: str | None) -> None:
+        """DataError unless the database was built for retriever `expected` (None: any)."""
+        if expected is None or expected == self.retriever:
+            return
+        raise DataError(
+            f"{self.path / MANIFEST}: the database was built for retriever {self.retriever!r} "
+            f"(manifest \"retriever\"), the config has database.retriever={expected!r}; set "
+            f"database.retriever={self.retriever!r} to use this database, or rebuild it for "
+            f"{expected!r}: {_fix_hint(self.path)} (or point database.path at another "
+            "directory)")
 
     def _check_expectations(self, chunk_len, tokenizer_sha256, embedder) -> None:
         where = self.path / MANIFEST
@@ -175,7 +204,7 @@ class RetrievalDatabase:
             raise DataError(f"{where}: the database was tokenized with tokenizer sha256 "
                             f"{found_sha[:12]}..., the caller uses {tokenizer_sha256[:12]}...; "
                             f"use the database's tokenizer.model or {_fix_hint(self.path)}")
-        if embedder is not None:
+        if embedder is not None and self.retriever == "bert":
             if isinstance(embedder, str):
                 name, dim = embedder, None
             elif isinstance(embedder, Mapping):
@@ -202,6 +231,12 @@ class RetrievalDatabase:
             raise DataError(f"{self.path / DOCUMENTS_FILE} is missing; {_fix_hint(self.path)}")
         for split in self.manifest["splits"]:
             self._load_split(split)
+        if self.retriever == "bm25":
+            from data_pipeline.bm25 import BM25_DIR
+
+            if not (self.path / BM25_DIR).is_dir():
+                raise DataError(f"BM25 index {self.path / BM25_DIR} is missing; "
+                                f"{_fix_hint(self.path)}")
         for shard in self.manifest.get("shards", []):
             shard_path = self.path / shard["dir"]
             if not shard_path.is_dir() or not any(shard_path.iterdir()):
@@ -216,6 +251,8 @@ class RetrievalDatabase:
             shape += (self.chunk_len,)
         elif trailing == "dim":
             shape += (self.embed_dim,)
+        elif trailing == "num_candidates":
+            shape += (int(self.num_candidates or 0),)
         if not file.is_file():
             raise DataError(f"{file} is missing (expected {np.dtype(dtype).name} {list(shape)}); "
                             f"{_fix_hint(self.path)}")
@@ -236,6 +273,8 @@ class RetrievalDatabase:
             tokens = self._load_array(split, "tokens", n)
             doc_ids = self._load_array(split, "doc_ids", n)
             keys = self._load_array(split, "keys", n) if info.get("has_keys", True) else None
+            if info.get("has_bm25_candidates", False):
+                self._candidates[split] = self._load_array(split, "bm25_candidates", n)
             self._splits[split] = SplitArrays(tokens=tokens, doc_ids=doc_ids, keys=keys)
         return self._splits[split]
 
@@ -251,6 +290,13 @@ class RetrievalDatabase:
                             f"(it has {', '.join(self.splits)}); add it to "
                             "database.eval_splits and rebuild with --force")
         return self._load_split(name)
+
+    def candidates(self, name: str) -> np.ndarray | None:
+        """Memory-mapped BM25 candidates of split `name`: int64 [N, K], each chunk's top-K
+        train chunk ids (outside its own document) in score order, -1 = none; None when the
+        split has none (a "bert" database)."""
+        self.split(name)
+        return self._candidates.get(name)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -295,8 +341,25 @@ class RetrievalDatabase:
             out[valid, m:] = cont
         return out.reshape(ids.shape + (2 * m,))
 
+    def bm25_index(self):
+        """The BM25 index over the train chunks (data_pipeline.bm25.Bm25Index; loaded once)
+        of a "bm25" database: live queries by text (sampling)."""
+        if self.retriever != "bm25":
+            raise DataError(f"{self.path / MANIFEST}: retriever {self.retriever!r} has no BM25 "
+                            "index; search it by key with db.searcher()")
+        if self._bm25_index is None:
+            from data_pipeline.bm25 import BM25_DIR, Bm25Index
+
+            self._bm25_index = Bm25Index.load(self.path / BM25_DIR, mmap=True)
+        return self._bm25_index
+
     def searcher(self):
         """A ShardedSearcher over the train split's index shards (loaded once, cached)."""
+        if self.retriever != "bert":
+            raise DataError(f"{self.path / MANIFEST}: a {self.retriever!r} database has no "
+                            "ScaNN index: its neighbours are the per-split candidate tables "
+                            "(<split>/bm25_candidates.npy; the input pipeline reads them) and "
+                            "db.bm25_index() for text queries")
         if self._searcher is None:
             from data_pipeline.index import ShardedSearcher, ShardSearcher
 
@@ -313,189 +376,11 @@ class RetrievalDatabase:
         return f"RetrievalDatabase({str(self.path)!r}, m={self.chunk_len}, chunks={sizes})"
 
 
-# ---------------------------------------------------------------------- writer
-class DatabaseWriter:
-    """Writes a database into `<path>.partial/` and renames it to `<path>` in `finish()`.
+def __getattr__(name: str):
+    # The writer lives in data_pipeline/database_writer.py (it imports this module, so it is
+    # loaded lazily here); `from data_pipeline.database import DatabaseWriter` keeps working.
+    if name in ("DatabaseWriter", "publish"):
+        from data_pipeline import database_writer
 
-    Small databases (tests): `write_split` each split's arrays, `write_documents`, optionally
-    `build_index`, then `finish()`. The build streams large arrays into `split_dir(name)`
-    itself and calls `record_split`.
-
-    Args:
-      path: the final database directory.
-      chunk_len: m.
-      tokenizer_path: a SentencePiece `.model` (copied in as tokenizer.model).
-      embedder_name, embed_dim: what made the keys.
-      corpus: {"kind", "description"} for the manifest.
-      resume: keep what an earlier `<path>.partial/` holds (the build resumes); otherwise
-        start from an empty one.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        chunk_len: int,
-        tokenizer_path: str | os.PathLike,
-        embedder_name: str,
-        embed_dim: int,
-        corpus: Mapping | None = None,
-        resume: bool = False,
-    ):
-        self.path = Path(path)
-        self.partial = partial_path(self.path)
-        if self.partial.exists() and not resume:
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True, exist_ok=True)
-        self.chunk_len = int(chunk_len)
-        self.embedder = {"name": str(embedder_name), "dim": int(embed_dim)}
-        self.corpus = dict(corpus or {"kind": "", "description": ""})
-        self._splits: dict[str, dict] = {}
-        self._shards: list[dict] = []
-        self.index_info: dict = {"params": {}, "recall_at_10": None}
-        self.dedup_info: dict = {"removed": 0, "threshold": None}
-        dest = self.partial / TOKENIZER_FILE
-        if Path(tokenizer_path).resolve() != dest.resolve():
-            shutil.copyfile(tokenizer_path, dest)
-        tok = load_tokenizer(dest)
-        self.tokenizer_info = {"file": TOKENIZER_FILE, "sha256": tok.sha256,
-                               "vocab_size": tok.vocab_size}
-
-    def split_dir(self, split: str) -> Path:
-        d = self.partial / split
-        d.mkdir(exist_ok=True)
-        return d
-
-    def write_split(self, split: str, tokens: np.ndarray, doc_ids: np.ndarray,
-                    keys: np.ndarray | None) -> None:
-        """Write one split from in-memory arrays: tokens [N, m], doc_ids [N], keys [N, dim]."""
-        tokens = np.asarray(tokens, dtype=np.int32)
-        doc_ids = np.asarray(doc_ids, dtype=np.int64)
-        n = tokens.shape[0]
-        if tokens.shape != (n, self.chunk_len) or doc_ids.shape != (n,):
-            raise ValueError(f"write_split({split!r}): tokens {tokens.shape} / doc_ids "
-                             f"{doc_ids.shape} do not match [N, {self.chunk_len}] / [N]")
-        d = self.split_dir(split)
-        np.save(d / "tokens.npy", tokens)
-        np.save(d / "doc_ids.npy", doc_ids)
-        if keys is not None:
-            keys = np.asarray(keys, dtype=np.float32)
-            if keys.shape != (n, self.embedder["dim"]):
-                raise ValueError(f"write_split({split!r}): keys {keys.shape}, expected "
-                                 f"[{n}, {self.embedder['dim']}]")
-            np.save(d / "keys.npy", keys)
-        self.record_split(split, num_chunks=n, has_keys=keys is not None)
-
-    def record_split(self, split: str, *, num_chunks: int, has_keys: bool,
-                     num_documents: int | None = None, num_tokens: int | None = None,
-                     num_bytes: int | None = None) -> None:
-        """Enter a split whose arrays are already in `split_dir(split)`; counts not given are
-        computed in `finish()` from documents.jsonl."""
-        self._splits[split] = {"num_chunks": int(num_chunks), "has_keys": bool(has_keys),
-                               "num_documents": num_documents, "num_tokens": num_tokens,
-                               "num_bytes": num_bytes}
-
-    def write_documents(self, rows: Iterable[Mapping]) -> None:
-        """Write documents.jsonl (rows as in DocumentTable)."""
-        path = self.partial / DOCUMENTS_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(dict(row), sort_keys=True, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-
-    def add_shard(self, first_chunk: int, num_chunks: int, searcher=None) -> Path:
-        """Enter index shard number len(shards) over train chunks [first, first + num);
-        saves `searcher` (a ShardSearcher) there when given. Returns its directory."""
-        rel = shard_dir_name(len(self._shards))
-        if searcher is not None:
-            target = self.partial / rel
-            if target.exists():
-                shutil.rmtree(target)
-            target.parent.mkdir(exist_ok=True)
-            searcher.save(target)
-        self._shards.append({"first_chunk": int(first_chunk), "num_chunks": int(num_chunks),
-                             "dir": rel})
-        return self.partial / rel
-
-    def build_index(self, shard_chunks: int, index_cfg=None) -> None:
-        """Build ScaNN shards over the train keys already written (small databases).
-
-        Args:
-          shard_chunks: train chunks per shard.
-          index_cfg: a config `index` section (default: the base config's).
-        """
-        from data_pipeline.index import IndexParams, build_shard
-
-        if index_cfg is None:
-            from retro_jax.configs.base import get_base_config
-
-            index_cfg = get_base_config().index
-        keys = np.load(self.partial / "train" / "keys.npy", mmap_mode="r")
-        n = keys.shape[0]
-        for first in range(0, n, shard_chunks):
-            count = min(shard_chunks, n - first)
-            shard_params = IndexParams.from_config(index_cfg, count)
-            self.add_shard(first, count, build_shard(np.asarray(keys[first:first + count]),
-                                                     shard_params, first_chunk=first))
-
-    def manifest(self) -> dict:
-        """The manifest as it will be written (split counts filled from documents.jsonl)."""
-        splits = {name: dict(info) for name, info in self._splits.items()}
-        docs_path = self.partial / DOCUMENTS_FILE
-        if not docs_path.is_file():
-            self.write_documents([])
-        if any(v[k] is None for v in splits.values()
-               for k in ("num_documents", "num_tokens", "num_bytes")):
-            totals: dict[str, dict[str, int]] = {}
-            for row in DocumentTable(docs_path).rows():
-                t = totals.setdefault(row["split"], {"num_documents": 0, "num_tokens": 0,
-                                                     "num_bytes": 0})
-                t["num_documents"] += 1
-                t["num_tokens"] += int(row.get("num_tokens", 0))
-                t["num_bytes"] += int(row.get("num_bytes", 0))
-            for name, info in splits.items():
-                for key, value in totals.get(name, {"num_documents": 0, "num_tokens": 0,
-                                                    "num_bytes": 0}).items():
-                    if info[key] is None:
-                        info[key] = value
-        return {
-            "format_version": FORMAT_VERSION,
-            "chunk_len": self.chunk_len,
-            "tokenizer": self.tokenizer_info,
-            "embedder": self.embedder,
-            "splits": splits,
-            "shards": list(self._shards),
-            "index": self.index_info,
-            "corpus": self.corpus,
-            "dedup": self.dedup_info,
-            "complete": True,
-        }
-
-    def write_manifest(self) -> None:
-        """Write `<path>.partial/manifest.json` (after every other file is in place)."""
-        if "train" not in self._splits:
-            raise ValueError("DatabaseWriter: no train split written")
-        write_json_atomic(self.partial / MANIFEST, self.manifest())
-
-    def finish(self, *, overwrite: bool = False) -> RetrievalDatabase:
-        """Write the manifest, rename `<path>.partial` to `<path>`, open and check it.
-
-        Args:
-          overwrite: replace an existing database at `path` (else DataError).
-        """
-        self.write_manifest()
-        return publish(self.path, overwrite=overwrite)
-
-
-def publish(path: str | os.PathLike, *, overwrite: bool = False) -> RetrievalDatabase:
-    """Rename a finished `<path>.partial` (manifest written) to `path`; open and check it."""
-    path = Path(path)
-    partial = partial_path(path)
-    RetrievalDatabase.open(partial)  # check before replacing anything
-    if path.exists():
-        if not overwrite:
-            raise DataError(f"{path} already exists; pass --force to rebuild it")
-        shutil.rmtree(path)
-    os.replace(partial, path)
-    return RetrievalDatabase.open(path)
+        return getattr(database_writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,7 +3,8 @@
     chunk arrays of a split ──► example table (packed | per document | eval windows)
       ──► positions (host stream, arithmetic: epoch, shuffle, host shard, resume)
       ──► .batch(B) ──► parallel map: inputs / targets, then the B*L chunk keys go to ScaNN's
-          TF op in one call, over-fetch k*overfetch, drop same-document / excluded
+          TF op in one call (a "bm25" database: their rows of the split's BM25 candidate
+          table are gathered), over-fetch k*overfetch, drop same-document / excluded
           neighbours, keep the first k, gather [neighbour ; continuation] tokens
       ──► prefetch ──► device_batches(): global jax.Arrays sharded over ('data', 'fsdp')
 
@@ -32,7 +33,12 @@ from data_pipeline.pipeline.precompute import (
     read_precomputed,
     write_precomputed,
 )
-from data_pipeline.pipeline.retrieval import NeighbourRetriever, TFSearcher, add_neighbours
+from data_pipeline.pipeline.retrieval import (
+    CandidateTable,
+    NeighbourRetriever,
+    TFSearcher,
+    add_neighbours,
+)
 from data_pipeline.pipeline.sequences import (
     ExampleTable,
     eval_windows,
@@ -44,7 +50,8 @@ from data_pipeline.pipeline.tables import ChunkTable, build_examples
 
 __all__ = [
     "DEVICE_FIELDS", "DeviceBatchIterator", "device_batches", "make_dataset",
-    "make_eval_windows", "precompute_neighbours", "retrieve_neighbours",
+    "make_eval_windows", "precompute_neighbours", "retrieve_chunk_neighbours",
+    "retrieve_neighbours",
 ]
 
 RETRIEVAL_SPLIT = "train"  # the split that is indexed and searched
@@ -55,12 +62,15 @@ _MAX_POSITION = 2**62  # "forever" for repeated datasets
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _chunk_table(db: Any, split: str, *, with_keys: bool) -> ChunkTable:
+def _chunk_table(db: Any, split: str, *, with_queries: bool) -> ChunkTable:
+    """The split's arrays as tf.Variables, cached per database; with its queries (keys, or
+    BM25 candidate rows for a "bm25" database) when `with_queries`."""
     cache = _TABLES.setdefault(db, {})
     table = cache.get(split)
-    if table is None or (with_keys and table.keys is None):
-        tokens, doc_ids, keys = checks.split_arrays(db, split, need_keys=with_keys)
-        table = ChunkTable(tokens, doc_ids, keys if with_keys else None, name=split)
+    if table is None or (with_queries and not table.has_queries):
+        tokens, doc_ids, keys, candidates = checks.split_arrays(db, split,
+                                                                need_queries=with_queries)
+        table = ChunkTable(tokens, doc_ids, keys, name=split, candidates=candidates)
         cache[split] = table
     return table
 
@@ -68,10 +78,14 @@ def _chunk_table(db: Any, split: str, *, with_keys: bool) -> ChunkTable:
 def _retriever(db: Any, *, num_neighbours: int, overfetch: int, exclude_same_document: bool,
                exclude_doc_ids: Collection[int] | None, searcher: TFSearcher | None,
                need_searcher: bool) -> NeighbourRetriever:
-    database = _chunk_table(db, RETRIEVAL_SPLIT, with_keys=False)
+    database = _chunk_table(db, RETRIEVAL_SPLIT, with_queries=False)
     checks.check_neighbours(db=db, num_neighbours=num_neighbours,
                             num_db_chunks=database.num_chunks)
-    if need_searcher and searcher is None:
+    if checks.retriever_kind(db) == "bm25":
+        # The searcher of a bm25 database is its candidate tables (a `searcher` override
+        # would search keys it does not have).
+        searcher = CandidateTable(db.num_candidates)
+    elif need_searcher and searcher is None:
         searcher = db.searcher()
     return NeighbourRetriever(database, searcher, num_neighbours=num_neighbours,
                               overfetch=overfetch, exclude_same_document=exclude_same_document,
@@ -175,7 +189,9 @@ def make_dataset(db: Any, split: str, *, seq_len: int, batch_size: int, num_neig
                                    packing=packing, process_index=process_index,
                                    process_count=process_count)
     inline = num_neighbours > 0 and precomputed_dir is None
-    split_table = _chunk_table(source, split, with_keys=inline)
+    if inline:
+        checks.check_split_db_retriever(db, split_db)
+    split_table = _chunk_table(source, split, with_queries=inline)
     examples = training_examples(split_table.doc_ids.numpy(), L, packing)
     checks.check_split_size(db=source, split=split, num_chunks=split_table.num_chunks,
                             num_examples=len(examples), chunks_per_example=L,
@@ -238,7 +254,9 @@ def make_eval_windows(db: Any, split: str, seq_len: int, stride: int,
     if stride % db.chunk_len or not 0 < stride <= seq_len:
         raise DataError(f"eval.stride={stride} must be a multiple of the chunk length "
                                f"{db.chunk_len} in (0, data.seq_len={seq_len}]")
-    split_table = _chunk_table(source, split, with_keys=num_neighbours > 0)
+    if num_neighbours > 0:
+        checks.check_split_db_retriever(db, split_db)
+    split_table = _chunk_table(source, split, with_queries=num_neighbours > 0)
     windows = eval_windows(split_table.doc_ids.numpy(), L, db.chunk_len, stride, doc_filter)
     count = len(windows)
     # One empty window at index `count` pads hosts and the last batch.
@@ -274,7 +292,14 @@ def retrieve_neighbours(db: Any, keys: np.ndarray, query_doc_ids: np.ndarray, k:
       keys: float32 [Q, d] query keys; query_doc_ids: int64 [Q] their documents (-1 = none).
     Returns:
       int64 [Q, k] train chunk ids in distance order, -1 where fewer than k survive.
+    Raises:
+      DataError: for a "bm25" database, which has no keys (use retrieve_chunk_neighbours,
+        or data_pipeline.bm25 for text queries).
     """
+    if checks.retriever_kind(db) != "bert":
+        raise DataError(f"{checks.db_path(db)}: a {checks.retriever_kind(db)!r} database is "
+                        "not searched by key; use retrieve_chunk_neighbours(db, split, "
+                        "chunk_ids, ...) for its chunks, or db.bm25_index() for text")
     retriever = _retriever(db, num_neighbours=k, overfetch=overfetch,
                            exclude_same_document=exclude_same_document,
                            exclude_doc_ids=exclude_doc_ids, searcher=searcher,
@@ -288,6 +313,35 @@ def retrieve_neighbours(db: Any, keys: np.ndarray, query_doc_ids: np.ndarray, k:
     for first in range(0, keys.shape[0], batch_size):
         last = first + batch_size
         out[first:last] = search(keys[first:last], query_doc_ids[first:last]).numpy()
+    return out
+
+
+def retrieve_chunk_neighbours(db: Any, split: str, chunk_ids: np.ndarray, k: int,
+                              overfetch: int = 4,
+                              exclude_doc_ids: Collection[int] | None = None, *,
+                              exclude_same_document: bool = True,
+                              batch_size: int = 4096) -> np.ndarray:
+    """Neighbour chunk ids of chunks of `split` of `db`, with the pipeline's filters (the
+    same ids a batch holding those chunks gets), for either retriever.
+
+    Args:
+      chunk_ids: int64 [Q] chunk ids of `split` (-1 = none).
+    Returns:
+      int64 [Q, k] train chunk ids in distance (or BM25 score) order, -1 where fewer than k
+      survive.
+    """
+    split_table = _chunk_table(db, split, with_queries=True)
+    retriever = _retriever(db, num_neighbours=k, overfetch=overfetch,
+                           exclude_same_document=exclude_same_document,
+                           exclude_doc_ids=exclude_doc_ids, searcher=None, need_searcher=True)
+    search = tf.function(
+        lambda ids: retriever.query_chunks(split_table, ids, split_table.gather_doc_ids(ids),
+                                           ids >= 0),
+        input_signature=[tf.TensorSpec([None], tf.int64)])
+    chunk_ids = np.asarray(chunk_ids, np.int64)
+    out = np.full((chunk_ids.shape[0], k), -1, np.int64)
+    for first in range(0, chunk_ids.shape[0], batch_size):
+        out[first:first + batch_size] = search(chunk_ids[first:first + batch_size]).numpy()
     return out
 
 
@@ -308,7 +362,8 @@ def precompute_neighbours(db: Any, split: str, out_dir: str | os.PathLike, *,
     if num_neighbours <= 0:
         raise DataError(f"precompute_neighbours: num_neighbours={num_neighbours}; "
                                "nothing to precompute with retrieval off")
-    split_table = _chunk_table(source, split, with_keys=True)
+    checks.check_split_db_retriever(db, split_db)
+    split_table = _chunk_table(source, split, with_queries=True)
     retriever = _retriever(db, num_neighbours=num_neighbours, overfetch=overfetch,
                            exclude_same_document=_same_document_filter(
                                exclude_same_document, db, split_db),

@@ -91,17 +91,44 @@ def check_neighbours(*, db: Any, num_neighbours: int, num_db_chunks: int) -> Non
                         f"({_BUILD} --force)")
 
 
-def split_arrays(db: Any, split: str, *, need_keys: bool):
-    """(tokens, doc_ids, keys) of a split; DataError when the keys are needed and missing."""
+def retriever_kind(db: Any) -> str:
+    """The database's retriever: "bert" (keys + ScaNN) or "bm25" (candidate tables)."""
+    return str(getattr(db, "retriever", None) or "bert")
+
+
+def check_split_db_retriever(db: Any, split_db: Any | None) -> None:
+    """A bm25 database cannot serve a split of another database: its neighbours are
+    candidate tables computed at build time for its own splits only."""
+    if split_db is None or split_db is db or retriever_kind(db) == "bert":
+        return
+    raise DataError(f"{Path(db_path(db)) / 'manifest.json'}: a 'bm25' database retrieves "
+                    f"from per-split candidate tables computed at build time, so it cannot "
+                    f"serve sequences of another database ({db_path(split_db)}); build that "
+                    f"split into this database (database.eval_splits) with {_BUILD} --force, "
+                    "or use database.retriever='bert'")
+
+
+def split_arrays(db: Any, split: str, *, need_queries: bool):
+    """(tokens, doc_ids, keys, candidates) of a split; keys (retriever "bert") or BM25
+    candidates ("bm25") only when `need_queries`, else None; DataError when they are needed
+    and missing."""
     try:
         arrays = db.split(split)
     except FileNotFoundError as e:
         raise DataError(f"{db_path(db)}/{split}: {e}; rebuild with {_BUILD} --force") from e
+    if retriever_kind(db) == "bm25":
+        candidates = db.candidates(split)
+        if need_queries and candidates is None:
+            raise DataError(f"{db_path(db)}/{split}/bm25_candidates.npy is missing: retrieval "
+                            f"for split {split!r} of a 'bm25' database reads its candidate "
+                            f"table; add {split!r} to database.eval_splits and rebuild with "
+                            f"{_BUILD} --force")
+        return arrays.tokens, arrays.doc_ids, None, candidates if need_queries else None
     keys = getattr(arrays, "keys", None)
-    if need_keys and keys is None:
+    if need_queries and keys is None:
         raise DataError(f"{db_path(db)}/{split}/keys.npy is missing: inline retrieval needs the "
                         f"keys of split {split!r}; add {split!r} to database.eval_splits and "
                         f"rebuild with {_BUILD} --force (or write the neighbours once with "
                         f"data_pipeline.input_pipeline.precompute_neighbours and set "
                         f"data.precomputed_neighbours=True)")
-    return arrays.tokens, arrays.doc_ids, keys
+    return arrays.tokens, arrays.doc_ids, keys if need_queries else None, None

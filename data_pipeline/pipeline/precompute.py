@@ -38,9 +38,13 @@ MANIFEST = "manifest.json"
 def database_fingerprint(db: Any, num_db_chunks: int) -> dict:
     """What the stored ids are valid for: the database's chunk ids and filters."""
     manifest = getattr(db, "manifest", None) or {}
-    return {"chunk_len": int(db.chunk_len), "tokenizer_sha256": tokenizer_sha256(db),
-            "num_train_chunks": int(num_db_chunks), "shards": manifest.get("shards", []),
-            "index": manifest.get("index", {})}
+    fingerprint = {"chunk_len": int(db.chunk_len), "tokenizer_sha256": tokenizer_sha256(db),
+                   "num_train_chunks": int(num_db_chunks), "shards": manifest.get("shards", []),
+                   "index": manifest.get("index", {})}
+    if manifest.get("retriever", "bert") != "bert":  # (bert fingerprints stay as they were)
+        fingerprint["retriever"] = manifest["retriever"]
+        fingerprint["bm25"] = manifest.get("bm25", {})
+    return fingerprint
 
 
 def write_precomputed(out_dir: str | os.PathLike, *, split: str, neighbour_ids_blocks,
@@ -81,11 +85,12 @@ def write_precomputed(out_dir: str | os.PathLike, *, split: str, neighbour_ids_b
 def compute_blocks(retriever: NeighbourRetriever, split: ChunkTable, block_rows: int):
     """Yields (first_chunk, neighbour ids int64 [rows, k]) over the split, in chunk order."""
     search = tf.function(
-        lambda q, d: retriever.search(q, d, tf.ones(tf.shape(d), tf.bool)),
-        input_signature=[tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.int64)])
+        lambda ids: retriever.query_chunks(split, ids, split.gather_doc_ids(ids),
+                                           tf.ones(tf.shape(ids), tf.bool)),
+        input_signature=[tf.TensorSpec([None], tf.int64)])
     for first in range(0, split.num_chunks, block_rows):
-        ids = tf.range(first, min(first + block_rows, split.num_chunks), dtype=tf.int64)
-        yield first, search(split.gather_keys(ids), split.gather_doc_ids(ids)).numpy()
+        yield first, search(tf.range(first, min(first + block_rows, split.num_chunks),
+                                     dtype=tf.int64)).numpy()
 
 
 def read_precomputed(out_dir: str | os.PathLike, *, split: str, num_chunks: int, settings: dict,

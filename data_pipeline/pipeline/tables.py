@@ -5,10 +5,12 @@ so the arrays live in host memory as `tf.Variable`s (not graph constants: a cons
 copied into the dataset's graph, which is serialised for tf.data's optimisations and hits the
 2 GiB protobuf limit). Cost per chunk at m=64, d=384: tokens 256 B, doc id 8 B, key 1536 B
 (keys are only loaded for the split whose sequences are read, and not at all with
-precomputed neighbours). A CPU demo (thousands of chunks) or a 1M-chunk shard (~1.8 GB) fits
-easily; the paper's 28B-chunk database does not fit one host: there each host serves
-neighbours for its shard only (precomputed neighbours, so no keys are loaded, and neighbour
-tokens from a memory-mapped or remote token store), which this module does not implement.
+precomputed neighbours; a "bm25" database has none: its chunks' queries are rows of BM25
+candidate ids, 8 B x K per chunk, 80 B at K = 10). A CPU demo (thousands of chunks) or a
+1M-chunk shard (~1.8 GB) fits easily; the paper's 28B-chunk database does not fit one host:
+there each host serves neighbours for its shard only (precomputed neighbours, so no keys are
+loaded, and neighbour tokens from a memory-mapped or remote token store), which this module
+does not implement.
 """
 
 from __future__ import annotations
@@ -30,16 +32,25 @@ class ChunkTable:
       tokens: tf.Variable int32 [N, m].
       doc_ids: tf.Variable int64 [N].
       keys: tf.Variable float32 [N, d], or None when not needed.
+      candidates: tf.Variable int64 [N, K]: each chunk's top-K BM25 train chunk ids in score
+        order, -1 = none ("bm25" databases), or None.
     """
 
     def __init__(self, tokens: np.ndarray, doc_ids: np.ndarray, keys: np.ndarray | None = None,
-                 *, name: str = "split"):
+                 *, name: str = "split", candidates: np.ndarray | None = None):
         self.num_chunks = int(tokens.shape[0])
         self.chunk_len = int(tokens.shape[1])
         self.tokens = _variable(np.asarray(tokens, np.int32), f"{name}_tokens")
         self.doc_ids = _variable(np.asarray(doc_ids, np.int64), f"{name}_doc_ids")
         self.keys = None if keys is None else _variable(np.asarray(keys, np.float32),
                                                         f"{name}_keys")
+        self.candidates = (None if candidates is None else
+                           _variable(np.asarray(candidates, np.int64), f"{name}_candidates"))
+
+    @property
+    def has_queries(self) -> bool:
+        """Whether the chunks can query the database (keys or BM25 candidates loaded)."""
+        return self.keys is not None or self.candidates is not None
 
     def gather_tokens(self, chunk_ids: tf.Tensor) -> tf.Tensor:
         """chunk ids int64 [...] (-1 = none) -> int32 [..., m], zeros for -1."""
@@ -56,6 +67,12 @@ class ChunkTable:
         """chunk ids int64 [...] -> float32 [..., d], zeros for -1."""
         rows = tf.gather(self.keys, tf.maximum(chunk_ids, 0))
         return rows * tf.cast(chunk_ids >= 0, tf.float32)[..., None]
+
+    def gather_candidates(self, chunk_ids: tf.Tensor, k: int) -> tf.Tensor:
+        """chunk ids int64 [Q] -> the first k BM25 candidates int64 [Q, k], -1 for -1."""
+        # Gather, then slice: slicing the variable first would copy the whole table.
+        rows = tf.gather(self.candidates, tf.maximum(chunk_ids, 0))[:, :k]
+        return tf.where(chunk_ids[:, None] >= 0, rows, tf.constant(-1, tf.int64))
 
     def continuation_ids(self, chunk_ids: tf.Tensor) -> tf.Tensor:
         """chunk ids int64 [...] -> id of the next chunk of the same document, else -1."""

@@ -138,31 +138,25 @@ def chunk_overlaps(db, split: str, chunk_ids: np.ndarray, *, num_neighbours: int
                    batch_size: int = 4096) -> np.ndarray:
     """r(C) of evaluation chunks of `split`, against their nearest train chunks.
 
-    Each chunk is its own query (its key from the split's keys), neighbours come from the
-    database with the evaluation filters (never the chunk's own document), each as
-    [neighbour ; continuation] (2m tokens).
+    Each chunk is its own query (its key, or its BM25 candidates for a "bm25" database),
+    neighbours come from the database with the evaluation filters (never the chunk's own
+    document), each as [neighbour ; continuation] (2m tokens).
 
     Args:
       chunk_ids: int64 [Q] chunk ids of `split`.
     Returns:
       float64 [Q] in [0, 1].
     """
-    from data_pipeline.input_pipeline import retrieve_neighbours
+    from data_pipeline.input_pipeline import retrieve_chunk_neighbours
 
-    arrays = db.split(split)
-    if arrays.keys is None:
-        raise ValueError(f"split {split!r} of {db} has no keys; rebuild the database with the "
-                         "split in database.eval_splits")
+    arrays = db.split(split)  # (retrieve_chunk_neighbours says when the split has no keys)
     chunk_ids = np.asarray(chunk_ids, np.int64)
     m = int(db.chunk_len)
     out = np.zeros(chunk_ids.size, np.float64)
     for lo in range(0, chunk_ids.size, batch_size):
         ids = chunk_ids[lo:lo + batch_size]
-        order = np.argsort(ids)  # sorted reads from the memory-mapped arrays
-        keys = np.empty((ids.size, arrays.keys.shape[1]), np.float32)
-        keys[order] = arrays.keys[ids[order]]
-        neighbour_ids = retrieve_neighbours(db, keys, np.asarray(arrays.doc_ids[ids]),
-                                            num_neighbours, overfetch, exclude_doc_ids)
+        neighbour_ids = retrieve_chunk_neighbours(db, split, ids, num_neighbours, overfetch,
+                                                  exclude_doc_ids, batch_size=batch_size)
         neighbours = db.neighbour_tokens(neighbour_ids)  # [Q, k, 2m]
         out[lo:lo + ids.size] = overlap_ratio(np.asarray(arrays.tokens[ids]), neighbours, m)
     return out

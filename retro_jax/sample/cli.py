@@ -56,18 +56,17 @@ def single_device_mesh(mesh_cfg):
 
 
 def make_embedder(config):
-    """The frozen BERT that keys generated chunks (batch of one, on one device)."""
+    """The frozen BERT that keys generated chunks (batch of one, on one device); None for
+    database.retriever "bm25" (chunks are queried by text in the database's BM25 index, and
+    the BERT is never loaded)."""
+    if config.database.retriever == "bm25":
+        return None
     import jax
     import numpy as np
     from jax.sharding import Mesh
 
     from data_pipeline.embed import ChunkEmbedder, default_embedder_path
 
-    if config.database.retriever != "bert":
-        from retro_jax.configs import ConfigError
-
-        raise ConfigError(f"database.retriever={config.database.retriever!r}: sampling keys "
-                          "generated chunks with the frozen BERT only (retriever 'bert')")
     path = Path(config.embedder.path) if config.embedder.path else default_embedder_path()
     return ChunkEmbedder(path, batch_size=1, max_wordpieces=int(config.embedder.max_wordpieces),
                          dtype=str(config.embedder.dtype), name=str(config.embedder.name),
@@ -80,19 +79,24 @@ def sample_run(config, workdir: Path, prompt: str, *, max_tokens: int, temperatu
     """Generate from the latest checkpoint of `workdir`; the result as a JSON-able dict.
 
     `embedder` keys generated chunks (default: the config's frozen BERT); it must be the
-    embedder the database's keys were made with.
+    embedder the database's keys were made with. A "bm25" database (database.retriever)
+    needs none: chunks are queried by text in its BM25 index.
     """
     from retro_jax.sample.generate import DatabaseRetriever, attribution, generate
     from retro_jax.train.data import open_run_database
     from retro_jax.train.restore import load_trained_model
 
-    db = open_run_database(config, workdir,
-                           embedder.name if embedder is not None else config.embedder.name)
+    bm25 = config.database.retriever == "bm25"
+    name = None if bm25 else (embedder.name if embedder is not None else config.embedder.name)
+    db = open_run_database(config, workdir, name)
+    db.check_retriever(str(config.database.retriever))
     model = load_trained_model(workdir, config, mesh=single_device_mesh(config.mesh))
     k = int(config.sample.num_neighbours)
     retriever = None
     if model.cfg.retrieval and k > 0:
-        retriever = DatabaseRetriever(db, embedder or make_embedder(config), num_neighbours=k)
+        if embedder is None and not bm25:
+            embedder = make_embedder(config)
+        retriever = DatabaseRetriever(db, embedder, num_neighbours=k)
     tokenizer = db.tokenizer
     prompt_tokens = tokenizer.encode(prompt)
     result = generate(model, prompt_tokens, max_tokens=max_tokens,

@@ -22,7 +22,8 @@ BatchFactory = Callable[[int], Iterator[dict]]
 
 def open_run_database(config, workdir: Path, embedder_name: str | None = None):
     """The run's retrieval database (`database.path`, else `<workdir>/db`), checked against
-    the config's chunk length (and embedder, when given); a DataError says to build it first.
+    the config's chunk length and retriever (and embedder, when given); a DataError says to
+    build it first.
     Training, evaluation and sampling all open it here."""
     from data_pipeline.database import RetrievalDatabase
     from data_pipeline.errors import DataError
@@ -33,7 +34,8 @@ def open_run_database(config, workdir: Path, embedder_name: str | None = None):
                         f"`retro-jax build-db --config ... --workdir {workdir}` first, or set "
                         "database.path")
     return RetrievalDatabase.open(path, expect_chunk_len=config.database.chunk_len,
-                                  expect_embedder=embedder_name)
+                                  expect_embedder=embedder_name,
+                                  expect_retriever=str(config.database.retriever))
 
 
 def pipeline_batches(config, db, mesh, rules, split: str = "train", *, shuffle: bool = True,
