@@ -8,6 +8,8 @@ JSON lines, one object per figure set:
                   venv): recall@10 vs exact search, queries/s (one batch of --nq queries),
                   build_s, bytes_per_chunk
   kind=scaling    ScaNN at 100k / 1M / 5M clustered synthetic keys: qps, build_s, peak RSS
+  kind=scaling_sweep  with --scale-sweep: the same built index at other leaves_to_search
+                  (f x sqrt(num_leaves)) and reorder_k: recall@10, us/query, share scanned
   kind=scaling_fit  exponent of the cost per query in N (goal: <= 0.5, i.e. sqrt(N))
 
 Keys: --keys PATH (float32 [N, d] .npy), else benchmarks/.cache/keys.npy when it exists, else
@@ -41,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_KEYS = REPO / "benchmarks" / ".cache" / "keys.npy"
 PEER_VENV = Path(os.environ.get("PEER_VENV", Path.home() / ".cache" / "retro-peer-venv"))
 K = 10
+RECALL_QUERIES = 1000  # scaling points: exact answers for this many of the --nq queries
 
 
 def emit(record: dict) -> None:
@@ -259,8 +262,20 @@ def run_faiss(args, workdir: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------- scaling
-def scale_worker(n: int, dim: int, nq: int) -> None:
-    """One scaling point in its own process, so the peak RSS is this size's alone."""
+SWEEP_LEAVES_FACTORS = (1.5, 2, 3, 4, 6)
+SWEEP_REORDER_K = (100, 200, 400)
+
+
+def scale_worker(n: int, dim: int, nq: int, *, sweep: bool = False,
+                 overrides: dict | None = None,
+                 leaves_factors: tuple[float, ...] = SWEEP_LEAVES_FACTORS,
+                 reorders: tuple[int, ...] = SWEEP_REORDER_K) -> None:
+    """One scaling point in its own process, so the peak RSS is this size's alone.
+
+    With `sweep`, the built index is also measured at other query-time settings (leaves to
+    search = f x sqrt(num_leaves), reorder_k): kind=scaling_sweep lines, no rebuild.
+    `overrides`: config.index values to build with instead of the defaults.
+    """
     from data_pipeline.index import IndexParams, build_shard, exact_search
     from retro_jax.configs.base import get_base_config
 
@@ -269,34 +284,58 @@ def scale_worker(n: int, dim: int, nq: int) -> None:
     xb, xq = x[:n], x[n:]
     del x
     data_rss = peak_rss_mib()
-    params = IndexParams.from_config(get_base_config().index, n)
+    index_cfg = get_base_config().index
+    for key, value in (overrides or {}).items():
+        index_cfg[key] = value
+    params = IndexParams.from_config(index_cfg, n)
     t0 = time.perf_counter()
     shard = build_shard(xb, params)
     build_s = time.perf_counter() - t0
+    truth = exact_search(xb, xq[:RECALL_QUERIES], K)  # a subset bounds the exact-search time
     qps, ids = scann_searcher_qps(shard, xq)
-    r = recall(ids[:500], exact_search(xb, xq[:500], K))  # 500 exact answers bound the time
-    emit(dict(kind="scaling", impl="scann-default", n=n, dim=dim, nq=nq, recall_queries=500,
-              recall_at_10=round(r, 4),
+    common = dict(n=n, dim=dim, nq=nq, recall_queries=RECALL_QUERIES, num_leaves=params.num_leaves,
+                  anisotropic_quantization_threshold=params.to_json()[
+                      "anisotropic_quantization_threshold"])
+    emit(dict(kind="scaling", impl="scann-default", recall_at_10=round(recall(ids, truth), 4),
               qps=round(qps, 1), us_per_query=round(1e6 / qps, 1), build_s=round(build_s, 1),
               peak_rss_mib=peak_rss_mib(), data_rss_mib=data_rss, key_mib=round(xb.nbytes / 2**20),
-              num_leaves=params.num_leaves, leaves_to_search=params.num_leaves_to_search,
-              reorder_k=params.reorder_k))
+              leaves_to_search=params.num_leaves_to_search, reorder_k=params.reorder_k,
+              overrides=overrides or {}, **common))
+    if not sweep:
+        return
+    root = math.sqrt(params.num_leaves)
+    for factor in leaves_factors:
+        for reorder in reorders:
+            shard.leaves_to_search = min(params.num_leaves, math.ceil(factor * root))
+            shard.reorder_k = reorder
+            qps, ids = scann_searcher_qps(shard, xq, repeats=2)
+            emit(dict(kind="scaling_sweep", impl="scann", leaves_factor=factor,
+                      leaves_to_search=shard.leaves_to_search, reorder_k=reorder,
+                      share_scanned=round(shard.leaves_to_search / params.num_leaves, 4),
+                      recall_at_10=round(recall(ids, truth), 4), qps=round(qps, 1),
+                      us_per_query=round(1e6 / qps, 1), **common))
 
 
 def run_scaling(args) -> None:
     sizes = [100_000] if args.quick else [100_000, 1_000_000, 5_000_000]
+    if args.scale_sizes:
+        sizes = [int(float(v)) for v in args.scale_sizes.split(",")]
     points = []
     for n in sizes:
         cmd = [sys.executable, __file__, "--scale-worker", str(n), "--scale-dim",
-               str(args.scale_dim), "--nq", str(args.nq)]
+               str(args.scale_dim), "--nq", str(args.nq), "--index-overrides",
+               args.index_overrides, "--sweep-leaves-factors", args.sweep_leaves_factors,
+               "--sweep-reorder-k", args.sweep_reorder_k]
+        cmd += ["--scale-sweep"] if args.scale_sweep else []
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
         recs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode or not recs:
             emit(dict(kind="scaling", n=n, error=proc.stderr[-2000:]))
             break
-        emit(recs[-1])
-        points.append(recs[-1])
+        for rec in recs:
+            emit(rec)
+        points.append(next(r for r in recs if r["kind"] == "scaling"))
     if len(points) >= 2:
         logn = np.log([p["n"] for p in points])
         logc = np.log([p["us_per_query"] for p in points])
@@ -317,6 +356,17 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.95, help="recall@10 to tune for")
     ap.add_argument("--scale-dim", type=int, default=64,
                     help="dim of the scaling keys (5M x 384 float32 would be 7.7 GB; default 64)")
+    ap.add_argument("--scale-sizes", default="",
+                    help="comma list of scaling sizes (default 100k,1M,5M; --quick 100k)")
+    ap.add_argument("--scale-sweep", action="store_true",
+                    help="also sweep leaves_to_search x reorder_k at each scaling size")
+    ap.add_argument("--sweep-leaves-factors", default=",".join(map(str, SWEEP_LEAVES_FACTORS)),
+                    help="--scale-sweep: leaves_to_search = factor x sqrt(num_leaves)")
+    ap.add_argument("--sweep-reorder-k", default=",".join(map(str, SWEEP_REORDER_K)),
+                    help="--scale-sweep: reorder_k values")
+    ap.add_argument("--index-overrides", default="{}",
+                    help='JSON config.index values for the scaling builds, e.g. '
+                         '\'{"anisotropic_quantization_threshold": NaN}\'')
     ap.add_argument("--skip", default="", help="comma list of parts to skip: scann,faiss,scaling")
     ap.add_argument("--faiss-timeout", type=int, default=1800)
     ap.add_argument("--faiss-worker", default=None, help=argparse.SUPPRESS)
@@ -327,7 +377,10 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(REPO))
     if args.scale_worker:
-        return scale_worker(args.scale_worker, args.scale_dim, args.nq)
+        return scale_worker(args.scale_worker, args.scale_dim, args.nq, sweep=args.scale_sweep,
+                            overrides=json.loads(args.index_overrides),
+                            leaves_factors=tuple(map(float, args.sweep_leaves_factors.split(","))),
+                            reorders=tuple(map(int, args.sweep_reorder_k.split(","))))
     skip = set(filter(None, args.skip.split(",")))
     args.n = args.n or (100_000 if args.quick else 200_000)
 

@@ -106,12 +106,6 @@ def test_caps_fraction_and_dedup(tmp_path):
     assert db.splits == ("train", "validation")
 
 
-def test_bm25_retriever_is_refused(tmp_path):
-    with pytest.raises(DataError, match="bm25.*not implemented"):
-        build_database(tiny_config(**{"database.retriever": "bm25"}), tmp_path / "db",
-                       corpus=tiny_corpus(4), embedder=HashEmbedder())
-
-
 def test_low_recall_fails_then_rerun_rebuilds_only_the_index(tmp_path):
     embedder = CountingEmbedder()
     bad = {"index.brute_force_below": 10, "index.num_leaves": 16,
@@ -132,65 +126,15 @@ def test_low_recall_fails_then_rerun_rebuilds_only_the_index(tmp_path):
 
 
 # --------------------------------------------------------------------- kill -9 and resume
-def _tf_variables_digest(variables_prefix: Path) -> str:
-    """Digest of a ScaNN SavedModel's non-scalar variables (scalar ones are placeholders
-    ScaNN leaves uninitialised: their bytes differ from run to run)."""
-    import tensorflow as tf
-
-    reader = tf.train.load_checkpoint(str(variables_prefix))
-    digest = hashlib.sha256()
-    for name, shape in sorted(reader.get_variable_to_shape_map().items()):
-        if not shape:
-            continue
-        value = reader.get_tensor(name)
-        data = b"".join(value.reshape(-1).tolist()) if value.dtype == object else value.tobytes()
-        digest.update(name.encode() + hashlib.sha256(data).digest())
-    return digest.hexdigest()
-
-
-def _graph_digest(saved_model_pb: Path) -> str:
-    """Digest of a SavedModel graph with TF's per-process counters removed.
-
-    TF names traced functions `__inference_<name>_<uid>` and numbers resource arguments
-    (`_user_specified_name: "56"`) with process-wide counters, so the same shard saved after
-    a different number of earlier saves (a resumed build) has other names, and the function
-    library is ordered by name: compare sorted, de-numbered lines."""
-    import re
-
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    model = saved_model_pb2.SavedModel()
-    model.ParseFromString(saved_model_pb.read_bytes())
-    text = re.sub(r"(__inference_\w*?)_\d+\b", r"\1", str(model))
-    text = re.sub(r'(?m)^(\s*s: )"\d+"$', r'\1"N"', text)
-    return hashlib.sha256("\n".join(sorted(text.splitlines())).encode()).hexdigest()
-
-
 def database_digests(path: Path) -> dict[str, str]:
-    """sha256 of every file of a database, timestamps aside.
+    """sha256 of every file of a database except build_times.json (timings).
 
-    build_times.json (timings) is skipped. Index shards are compared by content: shard.json
-    without its `saved_at` time, the SavedModel variables without ScaNN's uninitialised scalar
-    placeholders, the graph without TF's function counters (`_graph_digest`), and
-    fingerprint.pb (which hashes all of those) skipped.
+    Index shards included: they are state files without timestamps (data_pipeline/index/state.py)
+    and ScaNN's training is deterministic (data_pipeline/index/shard.py: build_shard).
     """
-    out = {}
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = str(file.relative_to(path))
-        if rel == BUILD_TIMES_FILE or file.name == "fingerprint.pb":
-            continue
-        if file.name == "saved_model.pb":
-            out[rel] = _graph_digest(file)
-        elif file.name == "shard.json":
-            meta = json.loads(file.read_text())
-            meta.pop("saved_at", None)
-            out[rel] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-        elif file.parent.name == "variables" and rel.startswith("index/"):
-            if file.name.endswith(".index"):
-                out[rel] = _tf_variables_digest(file.with_suffix(""))
-        else:
-            out[rel] = hashlib.sha256(file.read_bytes()).hexdigest()
-    return out
+    return {str(file.relative_to(path)): hashlib.sha256(file.read_bytes()).hexdigest()
+            for file in sorted(p for p in path.rglob("*") if p.is_file())
+            if str(file.relative_to(path)) != BUILD_TIMES_FILE}
 
 
 _BUILD_CODE = ("import sys; sys.path.insert(0, sys.argv[2]);"

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -62,12 +69,18 @@ def test_params_scale_with_shard_size():
     assert IndexParams.from_config(cfg, 5_000).brute_force
     small, big = IndexParams.from_config(cfg, 100_000), IndexParams.from_config(cfg, 4_000_000)
     assert (small.num_leaves, big.num_leaves) == (316, 2000)
+    assert (small.num_leaves_to_search, big.num_leaves_to_search) == (54, 135)  # 3 sqrt(leaves)
     assert small.num_leaves_to_search < big.num_leaves_to_search < big.num_leaves
     assert big.num_leaves_to_search / big.num_leaves < small.num_leaves_to_search / small.num_leaves
     assert small.reorder_k == big.reorder_k >= 10 * cfg["num_neighbours"]
     fixed = IndexParams.from_config({**cfg, "num_leaves": 50, "reorder_k": 33}, 100_000)
     assert (fixed.num_leaves, fixed.reorder_k) == (50, 33)
     assert IndexParams.from_json(big.to_json()) == big
+    # Anisotropic quantization off: 0 (or nan, or None from older files) reads as 0.0.
+    plain = IndexParams.from_config({**cfg, "anisotropic_quantization_threshold": 0.0}, 100_000)
+    assert plain.anisotropic_quantization_threshold == 0.0
+    assert IndexParams.from_json({**plain.to_json(),
+                                  "anisotropic_quantization_threshold": None}) == plain
 
 
 def test_brute_force_equals_exact_and_returns_squared_l2(small_keys):
@@ -122,6 +135,73 @@ def test_save_load_identical(tree_shard, tmp_path):
         ShardSearcher.load(tmp_path / "shard_00000", first_chunk=0)
     with pytest.raises(DataError, match="missing shard.json"):
         ShardSearcher.load(tmp_path / "nothing_here", first_chunk=0)
+
+
+# A small tree + AH shard, built the same way in this process and in fresh ones.
+_TREE_SHARD_CODE = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import numpy as np
+from data_pipeline.index import IndexParams, build_shard
+from tests.test_index import clustered_keys
+keys = clustered_keys(np.random.default_rng(5), 4000, 16, per_centre=40)
+params = IndexParams.for_size(len(keys), num_neighbours=10, brute_force_below=1000)
+build_shard(keys, params, first_chunk=123).save(sys.argv[1])
+"""
+
+
+def _file_digests(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.iterdir())}
+
+
+def test_tree_shard_bytes_identical_across_processes(tmp_path):
+    """Resumed builds are checked by checksums: the same keys and params must give the same
+    shard bytes in any process (ScaNN's random k-means init would not: see build_shard)."""
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", _TREE_SHARD_CODE, str(tmp_path / name),
+                               str(repo)], env=env, stderr=subprocess.PIPE, text=True)
+             for name in ("a", "b")]
+    keys = clustered_keys(np.random.default_rng(5), 4000, 16, per_centre=40)
+    params = IndexParams.for_size(len(keys), num_neighbours=K, brute_force_below=1000)
+    assert not params.brute_force and params.num_leaves == 63
+    shard = build_shard(keys, params, first_chunk=123)
+    again = build_shard(keys, params, first_chunk=123)  # same process, second build
+    shard.save(tmp_path / "here")
+    again.save(tmp_path / "again")
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    want = _file_digests(tmp_path / "here")
+    assert {"shard.json", "dataset.npy", "hashed_dataset.npy", "datapoint_to_token.npy",
+            "serialized_partitioner.binpb", "ah_codebook.binpb"} <= set(want)
+    for name in ("again", "a", "b"):
+        assert _file_digests(tmp_path / name) == want, name
+    # The saved bytes come back as the same searcher.
+    queries = noisy_queries(keys, 40, noise=0.3, seed=6)
+    loaded = ShardSearcher.load(tmp_path / "a", first_chunk=123)
+    for got, expected in zip(loaded.search(queries, K), shard.search(queries, K)):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_brute_force_shard_round_trip_and_damage_is_refused(small_keys, tmp_path):
+    keys, queries = small_keys
+    shard = build_shard(keys, brute_params(), first_chunk=5)
+    shard.save(tmp_path / "bf")
+    meta = json.loads((tmp_path / "bf" / "shard.json").read_text())
+    # Fields ScaNN leaves empty for brute force are listed as absent, not written.
+    assert meta["state"]["serialized_partitioner"] is None and "saved_at" not in meta
+    loaded = ShardSearcher.load(tmp_path / "bf", first_chunk=5)
+    for got, expected in zip(loaded.search(queries, K), shard.search(queries, K)):
+        np.testing.assert_array_equal(got, expected)
+    # A truncated state file, then an old-format shard, each get a clear DataError.
+    dataset = tmp_path / "bf" / "dataset.npy"
+    dataset.write_bytes(dataset.read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"dataset\.npy should have .* bytes.*truncated"):
+        ShardSearcher.load(tmp_path / "bf", first_chunk=5)
+    (tmp_path / "bf" / "shard.json").write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(DataError, match="format_version 1, expected 2.*rebuild"):
+        ShardSearcher.load(tmp_path / "bf", first_chunk=5)
 
 
 def test_search_inside_parallel_tf_data_map(small_keys):

@@ -18,6 +18,10 @@ MIN_POINTS_PER_LEAF = 50
 REORDER_PER_NEIGHBOUR = 10
 # Fewest leaves searched when scaled automatically (small trees need a larger share).
 MIN_LEAVES_TO_SEARCH = 8
+# num_leaves = LEAVES_PER_ROOT * sqrt(n); num_leaves_to_search = LEAVES_TO_SEARCH_PER_ROOT *
+# sqrt(num_leaves) (see scaled_num_leaves / scaled_leaves_to_search for the measurements).
+LEAVES_PER_ROOT = 1.0
+LEAVES_TO_SEARCH_PER_ROOT = 3.0
 
 CONFIG_KEYS = (
     "num_neighbours", "brute_force_below", "num_leaves", "num_leaves_to_search",
@@ -27,19 +31,42 @@ CONFIG_KEYS = (
 
 
 def scaled_num_leaves(num_chunks: int) -> int:
-    """About sqrt(n) partitions (ScaNN's rule of thumb), at least MIN_POINTS_PER_LEAF per leaf."""
-    return max(1, min(round(math.sqrt(num_chunks)), num_chunks // MIN_POINTS_PER_LEAF))
+    """About sqrt(n) partitions (ScaNN's rule of thumb), at least MIN_POINTS_PER_LEAF per leaf.
+
+    Finer trees were not better at 5M keys with the default 250k training sample: 2 sqrt(n)
+    = 4,472 leaves reached recall@10 0.933 scanning 225k keys, 2,236 leaves 0.941 scanning
+    212k (benchmarks/retrieval.py --scale-sweep; at 1M, 2,000 leaves did beat 1,000).
+    """
+    wanted = round(LEAVES_PER_ROOT * math.sqrt(num_chunks))
+    return max(1, min(wanted, num_chunks // MIN_POINTS_PER_LEAF))
 
 
 def scaled_leaves_to_search(num_leaves: int) -> int:
-    """Leaves scanned per query: 1.5 * sqrt(num_leaves), at least MIN_LEAVES_TO_SEARCH.
+    """Leaves scanned per query: LEAVES_TO_SEARCH_PER_ROOT * sqrt(num_leaves), at least
+    MIN_LEAVES_TO_SEARCH.
 
-    27 of 316 leaves at 100k chunks (8.5%), 67 of 2,000 at 4M (3.4%): recall@10 ~0.97 with
-    reorder_k = 100 on overlapping clustered keys (benchmarks/retrieval.py). The points scanned
-    grow as n**0.75 rather than n, as a fixed share of the leaves would give.
+    3 sqrt(num_leaves): 54 of 316 leaves at 100k keys, 95 of 1,000 at 1M, 142 of 2,236 at 5M
+    (6.4% of the keys), where recall@10 on clustered 64-d keys was 0.999 / 0.993 / 0.965; the
+    former 1.5 sqrt(num_leaves) fell to 0.916 at 5M. Re-ordering more than 100 candidates
+    changed recall by < 0.002: recall is set by the leaves scanned. The keys scanned grow as
+    n**0.75 (a fixed share of the leaves would give n), so the cost per query grows faster than
+    sqrt(n) once scanning dominates: ~n**0.8-0.9 from 1M to 5M (README, "The ScaNN index").
     """
-    wanted = max(MIN_LEAVES_TO_SEARCH, math.ceil(1.5 * math.sqrt(num_leaves)))
+    wanted = max(MIN_LEAVES_TO_SEARCH, math.ceil(LEAVES_TO_SEARCH_PER_ROOT * math.sqrt(num_leaves)))
     return max(1, min(num_leaves, wanted))
+
+
+def scann_quantization_threshold(threshold: float) -> float:
+    """`anisotropic_quantization_threshold` as ScaNN takes it: <= 0 (plain AH) becomes nan,
+    ScaNN's spelling of "off" (configs and JSON say 0: they cannot hold nan)."""
+    return threshold if threshold > 0 else math.nan
+
+
+def _threshold_or_zero(value: Any) -> float:
+    """A stored threshold; nan / None (older files: "plain") become 0.0, which means the same
+    and, unlike nan, compares equal to itself."""
+    value = float("nan") if value is None else float(value)
+    return value if value > 0 else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +78,9 @@ class IndexParams:
     num_leaves / num_leaves_to_search: k-means partitions and how many a query scans.
     training_sample_size: keys sampled to train the partitions and the AH codebooks.
     dims_per_block: asymmetric-hashing block width (16 centres per block, 4 bits).
-    anisotropic_quantization_threshold: ScaNN's score-aware quantization eta (nan = plain).
+    anisotropic_quantization_threshold: ScaNN's score-aware AH loss (<= 0: plain AH). It is
+        made for dot-product search; with squared L2 it gave the same recall at 2.7x the build
+        time (benchmarks/retrieval.py, 1M keys), so 0 is the better setting here.
     reorder_k: AH candidates re-scored with exact float32 distances before the final top-k.
     recall_floor / recall_sample: build-time recall@10 check (see `check_recall`).
     """
@@ -106,7 +135,8 @@ class IndexParams:
             num_leaves_to_search=to_search, reorder_k=reorder_k,
             training_sample_size=min(int(values["training_sample_size"]), num_chunks),
             dims_per_block=int(values["dims_per_block"]),
-            anisotropic_quantization_threshold=float(values["anisotropic_quantization_threshold"]),
+            anisotropic_quantization_threshold=_threshold_or_zero(
+                values["anisotropic_quantization_threshold"]),
             recall_floor=float(values["recall_floor"]), recall_sample=int(values["recall_sample"]),
             brute_force_below=int(values["brute_force_below"]),
         )
@@ -116,16 +146,12 @@ class IndexParams:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        # JSON has no NaN: ScaNN reads a missing threshold as "plain quantization".
-        if math.isnan(out["anisotropic_quantization_threshold"]):
-            out["anisotropic_quantization_threshold"] = None
-        return out
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> IndexParams:
         data = dict(data)
-        if data.get("anisotropic_quantization_threshold") is None:
-            data["anisotropic_quantization_threshold"] = float("nan")
+        data["anisotropic_quantization_threshold"] = _threshold_or_zero(
+            data.get("anisotropic_quantization_threshold"))
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in names})

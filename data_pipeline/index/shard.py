@@ -1,10 +1,13 @@
 """One index shard: a ScaNN TF-op searcher over a contiguous range of chunk ids.
 
 The TF-op searcher (not the pybind one) is used throughout: its search is a TensorFlow op, so
-`search_tf` runs inside a `tf.data` map, in parallel, without taking the Python GIL, and the
-searcher serializes as a SavedModel. ScaNN's "squared_l2" returns true squared L2 distances
-(smaller = closer, checked in tests/test_index.py); after exact re-ordering they are the float32
-distances to the keys, not the quantized estimates.
+`search_tf` runs inside a `tf.data` map, in parallel, without taking the Python GIL. ScaNN's
+"squared_l2" returns true squared L2 distances (smaller = closer, checked in tests/test_index.py);
+after exact re-ordering they are the float32 distances to the keys, not the quantized estimates.
+
+Builds and saved shards are deterministic: the same keys and parameters give the same bytes in
+any process (k-means++ seeding, see `build_shard`; state files, see `state.py`), so a resumed
+database build is checked against a clean one by checksums.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +23,25 @@ import tensorflow as tf
 from scann.scann_ops.py import scann_ops
 
 from data_pipeline.errors import DataError
-from data_pipeline.index.params import IndexParams
+from data_pipeline.index.params import IndexParams, scann_quantization_threshold
+from data_pipeline.index.state import read_state, write_state
 
 META_FILE = "shard.json"
-FORMAT_VERSION = 1
+# 1: a TF SavedModel (bytes differed between identical builds); 2: state files (state.py).
+FORMAT_VERSION = 2
 
 
 def build_shard(keys: np.ndarray, params: IndexParams, *, first_chunk: int = 0) -> ShardSearcher:
     """Builds the searcher over `keys` float32 [n, d] (a np.memmap slice is fine: one copy is made).
 
     Brute force (still the TF-op searcher) when `params.brute_force`; else a k-means tree of
-    `num_leaves` partitions, anisotropic asymmetric hashing, and exact float32 re-ordering of
-    the best `reorder_k` candidates. Returned ids are `first_chunk + row`.
+    `num_leaves` partitions, asymmetric hashing (anisotropic when the params' threshold is
+    > 0), and exact float32 re-ordering of the best `reorder_k` candidates. Returned ids are
+    `first_chunk + row`.
+
+    Deterministic: ScaNN's training samples and AH codebooks are seeded, but its random k-means
+    initialisation walks an absl hash set, whose order changes from run to run (same centres,
+    other leaf numbering); k-means++ initialisation draws from the seeded generator only.
     """
     if keys.ndim != 2 or keys.shape[0] < 1:
         raise DataError(f"index keys must be float32 [n >= 1, dim], found shape {keys.shape}")
@@ -52,10 +61,12 @@ def build_shard(keys: np.ndarray, params: IndexParams, *, first_chunk: int = 0) 
                 num_leaves_to_search=params.num_leaves_to_search,
                 training_sample_size=params.training_sample_size,
                 min_partition_size=min(50, max(1, num_chunks // (4 * params.num_leaves))),
+                random_init=False,  # k-means++: deterministic (see the docstring)
             )
             .score_ah(
                 params.dims_per_block,
-                anisotropic_quantization_threshold=params.anisotropic_quantization_threshold,
+                anisotropic_quantization_threshold=scann_quantization_threshold(
+                    params.anisotropic_quantization_threshold),
                 training_sample_size=params.training_sample_size,
             )
             .reorder(params.reorder_k)
@@ -166,16 +177,17 @@ class ShardSearcher:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        """Writes a SavedModel + `shard.json` into `directory` (written aside, then renamed)."""
+        """Writes the searcher's state files + `shard.json` into `directory` (written aside,
+        then renamed). The bytes depend only on the keys and parameters (no timestamps)."""
         directory = Path(directory)
         partial = directory.with_name(directory.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        tf.saved_model.save(self._searcher.serialize_to_module(), str(partial))
+        state = write_state(self._searcher, partial)
         meta = {
             "format_version": FORMAT_VERSION, "first_chunk": self.first_chunk,
             "num_chunks": self.num_chunks, "dim": self.dim, "params": self.params.to_json(),
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "state": state,
         }
         (partial / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         shutil.rmtree(directory, ignore_errors=True)
@@ -187,17 +199,17 @@ class ShardSearcher:
         """Loads a shard written by `save`; `first_chunk` (from the manifest) must match its own."""
         directory = Path(directory)
         meta_path = directory / META_FILE
-        if not meta_path.is_file() or not (directory / "saved_model.pb").is_file():
-            raise DataError(f"index shard {directory}: missing {META_FILE} or saved_model.pb "
-                            "(interrupted build?); re-run `retro-jax build-db` to rebuild it")
+        if not meta_path.is_file():
+            raise DataError(f"index shard {directory}: missing {META_FILE} (interrupted build?); "
+                            "re-run `retro-jax build-db` to rebuild it")
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{meta_path}: format_version {meta.get('format_version')}, expected "
-                            f"{FORMAT_VERSION}; rebuild the index with this version")
+                            f"{FORMAT_VERSION}; rebuild the index with this version "
+                            "(`retro-jax build-db --force`)")
         if first_chunk is not None and int(first_chunk) != meta["first_chunk"]:
             raise DataError(f"{meta_path}: first_chunk {meta['first_chunk']} but the manifest says "
                             f"{first_chunk}; the shard table and the shard disagree: rebuild")
-        module = tf.saved_model.load(str(directory))
-        searcher = scann_ops.searcher_from_module(module)
+        searcher = read_state(directory, meta["state"], where=meta_path)
         return cls(searcher, first_chunk=meta["first_chunk"], num_chunks=meta["num_chunks"],
                    dim=meta["dim"], params=IndexParams.from_json(meta["params"]))
