@@ -73,13 +73,30 @@ class DenseGeneral(nnx.Module):
         self.kernel = make_param(rngs, init, self.in_shape + self.out_shape, names)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        n_in, n_out = len(self.in_shape), len(self.out_shape)
-        letters = "abcdefghijklmnopqrstuvw"
-        batch = letters[: x.ndim - n_in]
-        ins = letters[x.ndim - n_in: x.ndim]
-        outs = "xyz"[:n_out]
-        spec = f"{batch}{ins},{ins}{outs}->{batch}{outs}"
-        return jnp.einsum(spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return row_matmul(x, self.kernel[...].astype(self.dtype), len(self.in_shape))
+
+
+def row_matmul(x: jax.Array, kernel: jax.Array, n_in: int = 1) -> jax.Array:
+    """`x [..., *in] @ kernel [*in, *out] -> [..., *out]` with x's leading dims flattened.
+
+    The leading ("row") dims of x are merged into one before the contraction (a free
+    reshape, row-major). This matters for the backward pass, not the forward: the weight
+    gradient `einsum(x, dy)` contracts over every row dim, and with two or more of them
+    (`[B, n, d]`) XLA canonicalises the dot by physically transposing `dy` into
+    `[out, B*n]` first (a strided copy of the largest activation, fused into the preceding
+    elementwise op); with a single row dim the dot takes its operands as they are. On
+    XLA:CPU that copy cost as much as the matmuls of the FFW's backward pass.
+    Sharding is unaffected: only the leading (batch) dim of the rows is ever sharded, and it
+    stays the major part of the merged dim.
+    """
+    rows = x.shape[: x.ndim - n_in]
+    in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
+    letters = "abcdefghijklmnopqrstuvw"
+    ins = letters[:n_in]
+    outs = "xyz"[: len(out_shape)]
+    flat = x.astype(kernel.dtype).reshape((-1,) + tuple(in_shape))
+    y = jnp.einsum(f"N{ins},{ins}{outs}->N{outs}", flat, kernel)
+    return y.reshape(rows + tuple(out_shape))
 
 
 class RMSNorm(nnx.Module):
@@ -114,9 +131,9 @@ class Embed(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """`x [..., d] -> logits float32 [..., vocab]` (scaled by 1/sqrt(d) to keep unit scale)."""
         w = self.embedding[...].astype(self.dtype)
-        logits = jnp.einsum("...d,vd->...v", x.astype(self.dtype), w,
-                            preferred_element_type=jnp.float32)
-        return logits * (x.shape[-1] ** -0.5)
+        rows = x.astype(self.dtype).reshape(-1, x.shape[-1])  # one row dim: see row_matmul
+        logits = jnp.einsum("td,vd->tv", rows, w, preferred_element_type=jnp.float32)
+        return logits.reshape(x.shape[:-1] + (w.shape[0],)) * (x.shape[-1] ** -0.5)
 
 
 def _activation(name: str) -> Callable[[jax.Array], jax.Array]:

@@ -147,8 +147,10 @@ class Retro(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """`[B, n, d] -> float32 [B, n, V]`."""
-        logits = jnp.einsum("bnd,dv->bnv", h.astype(self.cfg.compute_dtype),
-                            self.output_weights(), preferred_element_type=jnp.float32)
+        w = self.output_weights()
+        rows = h.astype(self.cfg.compute_dtype).reshape(-1, h.shape[-1])  # see row_matmul
+        logits = jnp.einsum("td,dv->tv", rows, w, preferred_element_type=jnp.float32)
+        logits = logits.reshape(h.shape[:-1] + (w.shape[-1],))
         return shard(logits, ("batch", "length", "vocab"))
 
     # ------------------------------------------------------------------ helpers
