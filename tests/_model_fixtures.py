@@ -59,3 +59,19 @@ def loss_fn(model: Retro, inputs, targets, neighbours) -> jax.Array:
     logits = model(inputs, neighbours)
     total, count = cross_entropy(logits, targets)
     return total / count
+
+
+def save_untrained_run(config, workdir) -> Retro:
+    """A run directory holding `config` and a step-1 checkpoint of a fresh model (seed 0), as
+    `retro-jax sample` / `eval` expect after training; returns the model."""
+    from retro_jax.configs import save_config
+    from retro_jax.train.checkpoint import Checkpointer
+
+    save_config(config, workdir)
+    model = new_model(RetroConfig.from_config(config.model, config.database.chunk_len), seed=0)
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    ckpt.save(1, params=nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+              train={"step": np.int32(1)}, meta={"next_step": 1})
+    ckpt.wait()
+    ckpt.close()
+    return model

@@ -228,14 +228,9 @@ TINY_MODEL = {"model.d_model": 32, "model.num_layers": 2, "model.num_heads": 2,
 
 
 def test_sampling_queries_the_bm25_index_and_attributes_neighbours(db, tmp_path):
-    from flax import nnx
-
-    from retro_jax.configs import save_config
-    from retro_jax.models import RetroConfig
     from retro_jax.sample.cli import make_embedder, sample_run
     from retro_jax.sample.generate import DatabaseRetriever
-    from retro_jax.train.checkpoint import Checkpointer
-    from tests._model_fixtures import new_model
+    from tests._model_fixtures import save_untrained_run
 
     # Live queries use the saved index: a train chunk's own text finds the chunk itself.
     retriever = DatabaseRetriever(db, None, num_neighbours=2)
@@ -250,13 +245,7 @@ def test_sampling_queries_the_bm25_index_and_attributes_neighbours(db, tmp_path)
 
     config = tiny_config(**TINY_MODEL, **BM25, **{"database.path": str(db.path)})
     assert make_embedder(config) is None  # no BERT for a bm25 database
-    save_config(config, tmp_path)
-    model = new_model(RetroConfig.from_config(config.model, config.database.chunk_len), seed=0)
-    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
-    ckpt.save(1, params=nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-              train={"step": np.int32(1)}, meta={"next_step": 1})
-    ckpt.wait()
-    ckpt.close()
+    save_untrained_run(config, tmp_path)
     prompt = db.tokenizer.decode(np.asarray(train.tokens[:2]).reshape(-1))
     out = sample_run(config, tmp_path, prompt, max_tokens=40, temperature=0.8, top_k=20,
                      top_p=0.95, seed=1)

@@ -12,7 +12,7 @@ from retro_jax.models.retro import Retro
 from retro_jax.sample.decode import CachedDecoder, UncachedDecoder
 from retro_jax.sample.generate import DatabaseRetriever, attribution, generate
 from retro_jax.sample.sampling import choose_tokens, filter_logits
-from tests._model_fixtures import CHUNK, new_model, tiny_config
+from tests._model_fixtures import CHUNK, new_model, save_untrained_run, tiny_config
 
 NEG = jnp.finfo(jnp.float32).min
 
@@ -178,22 +178,13 @@ SAMPLING = dict(temperature=0.8, top_k=20, top_p=0.95, seed=1)
 def run_dir(tmp_path_factory):
     """A run directory: a tiny database (hash-trigram keys), config.json, a checkpoint of a
     random tiny model (sampling needs no training to be tested)."""
-    from retro_jax.configs import save_config
-    from retro_jax.models import RetroConfig
-    from retro_jax.train.checkpoint import Checkpointer
     from tests._db_fixtures import HashEmbedder, make_tiny_database
     from tests._db_fixtures import tiny_config as db_config
 
     workdir = tmp_path_factory.mktemp("run")
     db = make_tiny_database(workdir, name="db")
     config = db_config(**TINY_MODEL, **{"embedder.name": HashEmbedder().name})
-    save_config(config, workdir)
-    model = new_model(RetroConfig.from_config(config.model, config.database.chunk_len), seed=0)
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
-    ckpt.save(1, params=nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-              train={"step": np.int32(1)}, meta={"next_step": 1})
-    ckpt.wait()
-    ckpt.close()
+    model = save_untrained_run(config, workdir)
     return workdir, db, config, model
 
 
@@ -255,21 +246,12 @@ def test_cli_sample_with_the_frozen_bert(tmp_path, capsys):
     import json
 
     from retro_jax.cli import main
-    from retro_jax.configs import save_config
-    from retro_jax.models import RetroConfig
-    from retro_jax.train.checkpoint import Checkpointer
     from tests._db_fixtures import make_tiny_database
     from tests._db_fixtures import tiny_config as db_config
 
     make_tiny_database(tmp_path, name="db", embedder="real")
     config = db_config(**TINY_MODEL)
-    save_config(config, tmp_path)
-    model = new_model(RetroConfig.from_config(config.model, config.database.chunk_len), seed=0)
-    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
-    ckpt.save(1, params=nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-              train={"step": np.int32(1)}, meta={"next_step": 1})
-    ckpt.wait()
-    ckpt.close()
+    save_untrained_run(config, tmp_path)
     capsys.readouterr()  # the database build's summary
     assert main(["sample", "--workdir", str(tmp_path), "--prompt", "Def ka(x, y=5):",
                  "--max-tokens", "40", "--json"]) == 0
