@@ -104,7 +104,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.num_heads = 16
     c.model.head_dim = 64
     c.model.ffw_dim = 3584
-    c.model.activation = "gelu"  # gelu | relu | silu | swiglu | geglu
+    c.model.activation = "gelu"  # gelu (tanh approx., jax.nn.gelu) | relu | silu | swiglu | geglu
     c.model.tie_embeddings = False
     c.model.rope_base = 10_000.0  # rotary positions (relative) in self- and cross-attention
     c.model.cca_layers = ()  # 1-based decoder layers with CCA; () = paper default
