@@ -419,7 +419,7 @@ def _print_summary(db: RetrievalDatabase, times: dict[str, float]) -> None:
     for split, info in m["splits"].items():
         lines.append(f"  {split:<10} {info['num_chunks']:>10,} chunks  "
                      f"{info['num_documents']:>8,} documents  {info['num_tokens']:>12,} tokens")
-    if m.get("retriever", "bert") == "bm25":
+    if db.retriever == "bm25":
         lines.append(f"  bm25       top-{m['bm25']['num_candidates']} candidates per chunk "
                      f"(bm25s {m['bm25'].get('bm25s_version')})")
     else:

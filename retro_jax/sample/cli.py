@@ -88,8 +88,7 @@ def sample_run(config, workdir: Path, prompt: str, *, max_tokens: int, temperatu
 
     bm25 = config.database.retriever == "bm25"
     name = None if bm25 else (embedder.name if embedder is not None else config.embedder.name)
-    db = open_run_database(config, workdir, name)
-    db.check_retriever(str(config.database.retriever))
+    db = open_run_database(config, workdir, name)  # checks the retriever too
     model = load_trained_model(workdir, config, mesh=single_device_mesh(config.mesh))
     k = int(config.sample.num_neighbours)
     retriever = None

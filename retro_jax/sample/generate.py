@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from data_pipeline.pipeline.checks import retriever_kind
 from retro_jax.models.retro import Retro
 from retro_jax.sample.decode import CachedDecoder, UncachedDecoder
 
@@ -65,7 +66,7 @@ class DatabaseRetriever:
     def __init__(self, db: Any, embedder: Any, num_neighbours: int, *,
                  exclude_doc_ids: Sequence[int] = (), overfetch: int = 4):
         self.db = db
-        self.bm25 = getattr(db, "retriever", "bert") == "bm25"
+        self.bm25 = retriever_kind(db) == "bm25"
         if embedder is None and not self.bm25:
             raise ValueError(f"{db}: a 'bert' database needs an embedder to key chunks")
         self.embedder = embedder
