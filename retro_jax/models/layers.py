@@ -76,7 +76,8 @@ class DenseGeneral(nnx.Module):
         return row_matmul(x, self.kernel[...].astype(self.dtype), len(self.in_shape))
 
 
-def row_matmul(x: jax.Array, kernel: jax.Array, n_in: int = 1) -> jax.Array:
+def row_matmul(x: jax.Array, kernel: jax.Array, n_in: int = 1,
+               preferred_element_type=None) -> jax.Array:
     """`x [..., *in] @ kernel [*in, *out] -> [..., *out]` with x's leading dims flattened.
 
     The leading ("row") dims of x are merged into one before the contraction (a free
@@ -95,7 +96,8 @@ def row_matmul(x: jax.Array, kernel: jax.Array, n_in: int = 1) -> jax.Array:
     ins = letters[:n_in]
     outs = "xyz"[: len(out_shape)]
     flat = x.astype(kernel.dtype).reshape((-1,) + tuple(in_shape))
-    y = jnp.einsum(f"N{ins},{ins}{outs}->N{outs}", flat, kernel)
+    y = jnp.einsum(f"N{ins},{ins}{outs}->N{outs}", flat, kernel,
+                   preferred_element_type=preferred_element_type)
     return y.reshape(rows + tuple(out_shape))
 
 

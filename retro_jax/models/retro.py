@@ -25,7 +25,7 @@ from retro_jax.models.attention import Attention, dot_product_attention
 from retro_jax.models.cca import ChunkedCrossAttention
 from retro_jax.models.config import RetroConfig
 from retro_jax.models.encoder import NeighbourEncoder, select_neighbour_parts
-from retro_jax.models.layers import DenseGeneral, Embed, FeedForward, RMSNorm, rotary
+from retro_jax.models.layers import DenseGeneral, Embed, FeedForward, RMSNorm, rotary, row_matmul
 from retro_jax.models.sharding import shard
 
 ACT_NAMES = ("batch", "length", "embed")
@@ -147,10 +147,8 @@ class Retro(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """`[B, n, d] -> float32 [B, n, V]`."""
-        w = self.output_weights()
-        rows = h.astype(self.cfg.compute_dtype).reshape(-1, h.shape[-1])  # see row_matmul
-        logits = jnp.einsum("td,dv->tv", rows, w, preferred_element_type=jnp.float32)
-        logits = logits.reshape(h.shape[:-1] + (w.shape[-1],))
+        logits = row_matmul(h.astype(self.cfg.compute_dtype), self.output_weights(),
+                            preferred_element_type=jnp.float32)
         return shard(logits, ("batch", "length", "vocab"))
 
     # ------------------------------------------------------------------ helpers
