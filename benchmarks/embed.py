@@ -128,6 +128,8 @@ def main() -> None:
             + " --xla_cpu_multi_thread_eigen=false"
         )
     from data_pipeline.embed import ChunkEmbedder, default_embedder_path
+    from data_pipeline.embed.bert import forward_flops
+    from retro_jax.train.metrics import measure_cpu_matmul_flops
 
     if not args.no_reference and not (REF_VENV / "bin" / "python").is_file():
         sys.exit(
@@ -144,6 +146,8 @@ def main() -> None:
     )
     load_s = time.perf_counter() - start
     lengths = np.array([len(t) for t in embedder.tokenizer.encode(chunks)])
+    # The same model FLOPs for both sides (the texts' real WordPieces; padding is overhead).
+    model_flops = sum(forward_flops(embedder.config, int(n)) for n in lengths)
     padded = sum(rows * length for _, rows, length in embedder.plan(lengths))
     common = dict(bench="embed", chunks=len(chunks), batch_size=args.batch_size,
                   wordpieces_mean=round(float(lengths.mean()), 1),
@@ -192,9 +196,41 @@ def main() -> None:
                 statistics.median(cpu_rates["ours"]) / statistics.median(cpu_rates["reference"]), 2
             ),
             max_abs_diff=float(np.abs(ours - reference).max()),
+            **goal_bound(model_flops / len(chunks), rates, measure_cpu_matmul_flops(2048) / 1e9,
+                         encoder_matmul_gflops(embedder.config,
+                                               args.batch_size * round(float(lengths.mean())))),
             min_cosine=float(cosine.min()),
         )
     print(json.dumps(summary), flush=True)
+
+
+def encoder_matmul_gflops(cfg, rows: int) -> float:
+    """What XLA's fp32 matmuls reach on the encoder's own shapes ([rows, D] x [D, 3D] for Q,
+    K, V; [D, D] output; [D, F] and [F, D] feed-forward), weighted by their FLOPs: the rate
+    the whole encoder could reach if everything else were free."""
+    from retro_jax.train.metrics import measure_cpu_matmul_flops
+
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    shapes = ((d, 3 * d), (d, d), (d, f), (f, d))  # (inner, output) per matmul of a layer
+    flops = [2.0 * rows * inner * out for inner, out in shapes]
+    seconds = sum(fl / measure_cpu_matmul_flops(inner, rows=rows, cols=out)
+                  for fl, (inner, out) in zip(flops, shapes))
+    return sum(flops) / seconds / 1e9
+
+
+def goal_bound(per_chunk: float, rates: dict[str, list[float]], peak_gflops: float,
+               encoder_gflops: float) -> dict:
+    """Model GFLOP/s of each side, and what the 1.5x goal asks of this machine: the model
+    GFLOP/s 1.5x the reference's rate would take, against the fp32 matmul peak measured here
+    (XLA, 2048 x 2048) and against XLA's matmuls on the encoder's own shapes."""
+    ours = statistics.median(rates["ours"]) * per_chunk / 1e9
+    reference = statistics.median(rates["reference"]) * per_chunk / 1e9
+    return dict(model_gflop_per_chunk=round(per_chunk / 1e9, 3),
+                ours_model_gflops=round(ours, 1), reference_model_gflops=round(reference, 1),
+                goal_needs_model_gflops=round(1.5 * reference, 1),
+                matmul_peak_gflops=round(peak_gflops, 1),
+                encoder_matmul_gflops=round(encoder_gflops, 1),
+                goal_needs_share_of_peak=round(1.5 * reference / peak_gflops, 2))
 
 
 def _rounded(figures: dict) -> dict:

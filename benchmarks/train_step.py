@@ -46,23 +46,6 @@ def _bench_common():
     return module
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best-of fp32 n x n matmul throughput in GFLOP/s (the machine's practical peak)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
-    mm(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mm(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,6 +82,7 @@ def main() -> None:
     from retro_jax.models.config import RetroConfig
     from retro_jax.models.loss import chunked_cross_entropy, cross_entropy
     from retro_jax.models.retro import Retro
+    from retro_jax.train.metrics import measure_cpu_matmul_flops
 
     c = bc.CPU_SMALL
     cfg = RetroConfig(
@@ -163,7 +147,7 @@ def main() -> None:
 
     cpu_stats: dict = {}
     times, losses = bc.time_steps(step, steps, cpu_stats=cpu_stats)
-    peak = matmul_peak_gflops()
+    peak = measure_cpu_matmul_flops(2048) / 1e9  # the machine's practical fp32 peak
     med = sorted(times)[len(times) // 2]
     achieved = flops / med / 1e9 if flops else 0.0
     achieved_all = (flops + loss_scan_flops) / med / 1e9 if flops else 0.0

@@ -9,8 +9,11 @@ The embedded corpus is this interpreter's standard library sources and pydoc top
 than the baseline on held-out files, because library files share licence headers, idioms and
 near-copies that retrieval finds.
 
-Variants: `:baseline` (the same decoder without CCA or encoder), `:quick` (fewer chunks and
-steps, as CI runs it).
+Variants: `:baseline` (the same decoder without CCA or encoder), `:retrofit` (the trained
+baseline's decoder, frozen, plus CCA and encoder trained on the same tokens: paper section 4.2;
+the demo points train.init_from at W/baseline/checkpoints, alone pass
+--config.train.init_from=W/baseline/checkpoints), `:quick` (fewer chunks and steps, as CI
+runs it).
 """
 
 from retro_jax.configs.base import get_base_config
@@ -70,10 +73,15 @@ def get_config(arg=None):
     c.sample.max_tokens = 64
     c.sample.temperature = 0.0
 
-    variants = variant(arg, ("runlocal", "baseline", "quick"), __file__)
+    variants = variant(arg, ("runlocal", "baseline", "retrofit", "quick"), __file__)
     if "baseline" in variants:
         c.name = "demo-baseline"
         c.model.retrieval = False
+    if "retrofit" in variants:
+        # As many steps as the baseline had: its decoder stays bit-identical, so RETRO[OFF] of
+        # this run is the baseline and ON - OFF is what retrieval alone is worth.
+        c.name = "demo-retrofit"
+        c.train.retrofit = True
     if "quick" in variants:
         c.database.max_chunks = 600
         c.database.shard_chunks = 300

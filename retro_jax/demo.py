@@ -4,8 +4,10 @@ Stages, each reusing the command's own code path:
   1. corpus     statistics of the embedded corpus (this interpreter's stdlib + pydoc topics)
   2. build-db   tokenizer, chunks, frozen-BERT keys, ScaNN index      -> W/db
   3. train      a small RETRO and its baseline (same decoder, same tokens) -> W/retro, W/baseline
-  4. eval       RETRO[ON], RETRO[OFF] and the baseline: bits per byte on held-out files and
-                the leakage-filtered bpb(alpha) curve                  -> W/*/eval/*.json
+                then RETRO-fitting (paper section 4.2): the trained baseline's decoder, frozen,
+                plus CCA and encoder trained on the same tokens        -> W/retrofit
+  4. eval       RETRO[ON], RETRO[OFF], the baseline and the retrofit's ON / OFF: bits per byte
+                on held-out files and the bpb(alpha) curve             -> W/*/eval/*.json
   5. sample     one prompt, with the neighbours each generated chunk attended to
   6. report     the results table (W/results.md) and plots (W/leakage.png, W/loss.png)
 
@@ -29,12 +31,41 @@ DEMO_PROMPT = "def read_config(path):\n    \"\"\"Read a configuration file and r
 
 
 def demo_configs(root: Path, *, quick: bool, num_devices: int | None = None):
-    """The RETRO and baseline configs of the demo, sharing the database W/db."""
+    """The RETRO, baseline and retrofit configs of the demo, sharing the database W/db; the
+    retrofit starts from the baseline's checkpoints."""
     overrides = [f"database.path={root / 'db'}"]
     suffix = ",quick" if quick else ""
     retro = load_config(f"{EXPERIMENT}:runlocal{suffix}", overrides, num_devices=num_devices)
     baseline = load_config(f"{EXPERIMENT}:baseline{suffix}", overrides, num_devices=num_devices)
-    return retro, baseline
+    retrofit = load_config(f"{EXPERIMENT}:retrofit{suffix}",
+                           overrides + [f"train.init_from={root / 'baseline' / 'checkpoints'}"],
+                           num_devices=num_devices)
+    return retro, baseline, retrofit
+
+
+# (row label, run directory under W, evaluation mode), in the table's order.
+EVALUATED = (("RETRO[ON]", "retro", "on"), ("RETRO[OFF]", "retro", "off"),
+             ("baseline", "baseline", "baseline"), ("RETRO-fit[ON]", "retrofit", "on"),
+             ("RETRO-fit[OFF]", "retrofit", "off"))
+
+
+def verdicts(bpb: dict[str, float | None]) -> list[str]:
+    """The report's conclusions from each model's bits per byte (label -> bpb)."""
+
+    def gain_line(model: str, note: str) -> str | None:
+        if bpb.get(model) is None or bpb.get("baseline") is None:
+            return None
+        gain = bpb["baseline"] - bpb[model]
+        helps = "retrieval helps" if gain > 0 else "retrieval does not help here"
+        return f"{model} vs baseline: {gain:+.3f} bits per byte ({helps}{note})"
+
+    lines = [gain_line("RETRO[ON]", ""),
+             gain_line("RETRO-fit[ON]", "; same frozen decoder as the baseline, so this is "
+                                         "what the retrieved neighbours alone are worth")]
+    if bpb.get("RETRO-fit[OFF]") is not None and bpb.get("baseline") is not None:
+        lines.append(f"RETRO-fit[OFF] - baseline: {bpb['RETRO-fit[OFF]'] - bpb['baseline']:+.1e} "
+                     "(0 up to float rounding: without neighbours the retrofit is the baseline)")
+    return [line for line in lines if line]
 
 
 def _banner(number: int, title: str) -> None:
@@ -46,8 +77,7 @@ def results_rows(root: Path, split: str) -> list[dict]:
     from retro_jax.evaluate.results import result_path
 
     rows = []
-    for label, run, mode in (("RETRO[ON]", "retro", "on"), ("RETRO[OFF]", "retro", "off"),
-                             ("baseline", "baseline", "baseline")):
+    for label, run, mode in EVALUATED:
         path = result_path(root / run, split, mode)
         if not path.is_file():
             continue
@@ -62,7 +92,8 @@ def results_rows(root: Path, split: str) -> list[dict]:
 
 
 def format_results(rows: list[dict], split: str) -> str:
-    alphas = sorted({a for r in rows for a in r["curve"]})
+    # Thresholds no chunk falls under (alpha = 0 on most corpora) would be a column of "-".
+    alphas = sorted({a for r in rows for a, v in r["curve"].items() if v is not None})
     head = ["model", "params", f"bpb ({split})", "token ppl"] + [f"bpb a<={a:g}" for a in alphas]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -90,7 +121,9 @@ def run_demo(args) -> int:
 
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
-    retro_cfg, base_cfg = demo_configs(root, quick=args.quick, num_devices=jax.device_count())
+    retro_cfg, base_cfg, retrofit_cfg = demo_configs(root, quick=args.quick,
+                                                     num_devices=jax.device_count())
+    configs = {"retro": retro_cfg, "baseline": base_cfg, "retrofit": retrofit_cfg}
     split = retro_cfg.eval.split
     times: dict[str, float] = {}
     start = time.perf_counter()
@@ -109,8 +142,8 @@ def run_demo(args) -> int:
     build_database(retro_cfg, retro_cfg.database.path)
     lap("build-db", t0)
 
-    _banner(3, "train: RETRO and its baseline (same decoder, same tokens)")
-    for name, config in (("retro", retro_cfg), ("baseline", base_cfg)):
+    _banner(3, "train: RETRO, its baseline (same decoder, same tokens), the RETRO-fitted baseline")
+    for name, config in configs.items():  # the retrofit starts from the trained baseline
         t0 = time.perf_counter()
         if train(config, root / name).get("preempted"):
             print("demo stopped by a signal; rerun `make demo` to resume", flush=True)
@@ -119,9 +152,9 @@ def run_demo(args) -> int:
 
     _banner(4, "eval: RETRO[ON], RETRO[OFF], baseline, leakage-filtered")
     t0 = time.perf_counter()
-    for name, config, retrieval in (("retro", retro_cfg, "on"), ("retro", retro_cfg, "off"),
-                                    ("baseline", base_cfg, "on")):
-        evaluate_run(config, root / name, retrieval=retrieval, leakage=True)
+    for _, name, mode in EVALUATED:
+        retrieval = "on" if mode == "baseline" else mode  # a baseline has no retrieval to switch
+        evaluate_run(configs[name], root / name, retrieval=retrieval, leakage=True)
     lap("eval", t0)
 
     _banner(5, "sample: one prompt, with attribution")
@@ -136,17 +169,13 @@ def run_demo(args) -> int:
     _banner(6, "report")
     rows = results_rows(root, split)
     table = format_results(rows, split)
-    curves = collect_leakage_curves([root / "retro", root / "baseline"], split)
+    runs = [root / name for name in configs]
+    curves = collect_leakage_curves(runs, split)
     leakage_png = plot_leakage(curves, root / "leakage.png",
                                title=f"demo: {split} bits per byte, leakage-filtered")
-    loss_png = plot_runs([root / "retro", root / "baseline"], root / "loss.png", metric="loss")
+    loss_png = plot_runs(runs, root / "loss.png", metric="loss")
     total = time.perf_counter() - start
-    verdict = ""
-    by_model = {r["model"]: r["bpb"] for r in rows}
-    if by_model.get("RETRO[ON]") is not None and by_model.get("baseline") is not None:
-        gain = by_model["baseline"] - by_model["RETRO[ON]"]
-        verdict = (f"RETRO[ON] vs baseline: {gain:+.3f} bits per byte "
-                   f"({'retrieval helps' if gain > 0 else 'retrieval does not help here'})")
+    verdict = "\n".join(verdicts({r["model"]: r["bpb"] for r in rows}))
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
     text = (f"# retro-jax demo results\n\n{table}\n\n{verdict}\n\n"
             f"Held-out {split} files of the embedded corpus; {jax.device_count()} devices "

@@ -250,3 +250,24 @@ def test_missing_directory_and_files(tmp_path):
     (model_dir / "model.safetensors").unlink()
     with pytest.raises(DataError, match="safetensors"):
         ChunkEmbedder(model_dir, batch_size=2, max_wordpieces=16)
+
+
+def test_forward_flops_matches_xla_cost_analysis():
+    """The embed benchmark's model FLOPs: XLA's count of the encoder at [1, n] is the same
+    plus what forward_flops leaves out (norms, softmax, gelu). One layer: XLA counts a scan's
+    body once, whatever its length."""
+    from flax import nnx
+
+    from data_pipeline.embed.bert import BertConfig, BertEncoder, forward_flops
+
+    cfg = BertConfig(vocab_size=100, hidden_size=128, num_hidden_layers=1,
+                     num_attention_heads=4, intermediate_size=512)
+    graph, state = nnx.split(BertEncoder(cfg, rngs=nnx.Rngs(0)))
+
+    def forward(state, ids, mask):
+        return nnx.merge(graph, state)(ids, mask)
+
+    for n in (16, 48):
+        ids, mask = np.zeros((1, n), np.int32), np.ones((1, n), bool)
+        counted = jax.jit(forward).lower(state, ids, mask).compile().cost_analysis()["flops"]
+        assert 1.0 <= counted / forward_flops(cfg, n) <= 1.15, (n, counted)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from _eval_fixtures import write_experiment, write_pile
 
 from retro_jax.sweep import database_fingerprint, plan_runs, run_name, sweep
@@ -56,6 +57,17 @@ def test_sweep_over_two_tiny_ablations_writes_table_and_charts(tmp_path):
     assert [r.status for r in again] == ["skipped", "skipped"]
 
 
+def test_demo_verdicts():
+    from retro_jax.demo import verdicts
+
+    lines = verdicts({"RETRO[ON]": 2.40, "RETRO[OFF]": 2.41, "baseline": 2.39,
+                      "RETRO-fit[ON]": 2.38, "RETRO-fit[OFF]": 2.39})
+    assert lines[0] == "RETRO[ON] vs baseline: -0.010 bits per byte (retrieval does not help here)"
+    assert lines[1].startswith("RETRO-fit[ON] vs baseline: +0.010 bits per byte (retrieval helps;")
+    assert lines[2].startswith("RETRO-fit[OFF] - baseline: +0.0e+00")
+    assert verdicts({"RETRO[ON]": 2.0}) == []
+
+
 def test_demo_quick_end_to_end(tmp_path):
     """`retro-jax demo --quick` (what CI runs; `make demo` runs the full one)."""
     workdir = tmp_path / "demo"
@@ -67,8 +79,12 @@ def test_demo_quick_end_to_end(tmp_path):
                   "[5/6] sample", "[6/6] report"):
         assert stage in out.stdout
     results = (workdir / "results.md").read_text()
-    for row in ("RETRO[ON]", "RETRO[OFF]", "baseline"):
-        assert row in results
+    for row in ("RETRO[ON]", "RETRO[OFF]", "baseline", "RETRO-fit[ON]", "RETRO-fit[OFF]"):
+        assert f"| {row} |" in results
+    # The retrofit's decoder is the baseline's, frozen: without neighbours it is the baseline.
+    off = json.loads((workdir / "retrofit" / "eval" / "validation-off.json").read_text())
+    base = json.loads((workdir / "baseline" / "eval" / "validation-baseline.json").read_text())
+    assert off["value"] == pytest.approx(base["value"], rel=1e-6)
     sample = json.loads((workdir / "sample.json").read_text())
     assert sample["generated_tokens"] > 0
     assert any(rec["neighbours"] for rec in sample["attribution"])

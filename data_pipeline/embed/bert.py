@@ -178,6 +178,15 @@ class BertEncoder(nnx.Module):
         return apply_layer(hidden, self.layers)
 
 
+def forward_flops(cfg: BertConfig, num_tokens: int) -> float:
+    """Model FLOPs of the encoder over one text of `num_tokens` WordPieces (no padding):
+    per layer the Q, K, V and output projections, the feed-forward pair and the two
+    attention products; embedding lookups, norms and softmax not counted."""
+    d, f, n = cfg.hidden_size, cfg.intermediate_size, num_tokens
+    per_layer = 2 * n * (4 * d * d + 2 * d * f) + 2 * 2 * n * n * d
+    return float(cfg.num_hidden_layers * per_layer)
+
+
 def mean_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean over real tokens, as sentence-transformers' Pooling(mean) does.
 

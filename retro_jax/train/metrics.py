@@ -18,6 +18,7 @@ token. Full (not causal-halved) attention windows, as PaLM and MaxText count the
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -120,26 +121,27 @@ def peak_flops_per_device(device=None) -> tuple[float, str]:
     return float("nan"), f"unknown device kind {kind!r}; set ${PEAK_FLOPS_ENV}"
 
 
-_CPU_PEAK: float | None = None
+@functools.cache
+def measure_cpu_matmul_flops(size: int = 512, repeats: int = 5, *, rows: int | None = None,
+                             cols: int | None = None) -> float:
+    """Best-of FLOP/s of a jitted float32 matmul on the first CPU device (cached per shape):
+    [rows, size] x [size, cols], square [size, size] by default. The training loop's CPU peak
+    uses 512, the benchmarks' 2048; benchmarks/embed.py times the encoder's own shapes."""
+    import jax
+    import jax.numpy as jnp
 
-
-def measure_cpu_matmul_flops(size: int = 512, repeats: int = 5) -> float:
-    """FLOP/s of a jitted float32 [size, size] matmul on the first CPU device (cached)."""
-    global _CPU_PEAK
-    if _CPU_PEAK is None:
-        import jax
-        import jax.numpy as jnp
-
-        x = jax.device_put(jnp.ones((size, size), jnp.float32), jax.devices("cpu")[0])
-        f = jax.jit(lambda a: a @ a)
-        f(x).block_until_ready()
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            f(x).block_until_ready()
-            best = min(best, time.perf_counter() - t)
-        _CPU_PEAK = 2.0 * size**3 / max(best, 1e-9)
-    return _CPU_PEAK
+    rows, cols = rows or size, cols or size
+    cpu = jax.devices("cpu")[0]
+    a = jax.device_put(jnp.ones((rows, size), jnp.float32), cpu)
+    b = jax.device_put(jnp.ones((size, cols), jnp.float32), cpu)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * rows * size * cols / max(best, 1e-9)
 
 
 # ------------------------------------------------------------------------ writers
