@@ -366,7 +366,7 @@ def main() -> None:
                     help="--scale-sweep: reorder_k values")
     ap.add_argument("--index-overrides", default="{}",
                     help='JSON config.index values for the scaling builds, e.g. '
-                         '\'{"anisotropic_quantization_threshold": NaN}\'')
+                         '\'{"anisotropic_quantization_threshold": 0.2}\'')
     ap.add_argument("--skip", default="", help="comma list of parts to skip: scann,faiss,scaling")
     ap.add_argument("--faiss-timeout", type=int, default=1800)
     ap.add_argument("--faiss-worker", default=None, help=argparse.SUPPRESS)

@@ -150,7 +150,7 @@ def run_demo(args) -> int:
             return 0
         lap(f"train {name}", t0)
 
-    _banner(4, "eval: RETRO[ON], RETRO[OFF], baseline, leakage-filtered")
+    _banner(4, "eval: RETRO[ON], RETRO[OFF], baseline, RETRO-fit[ON]/[OFF], leakage-filtered")
     t0 = time.perf_counter()
     for _, name, mode in EVALUATED:
         retrieval = "on" if mode == "baseline" else mode  # a baseline has no retrieval to switch

@@ -153,10 +153,12 @@ def chunk_overlaps(db, split: str, chunk_ids: np.ndarray, *, num_neighbours: int
     chunk_ids = np.asarray(chunk_ids, np.int64)
     m = int(db.chunk_len)
     out = np.zeros(chunk_ids.size, np.float64)
+    # One retriever (one traced search) for all chunks; it batches the queries itself.
+    all_neighbour_ids = retrieve_chunk_neighbours(db, split, chunk_ids, num_neighbours,
+                                                  overfetch, exclude_doc_ids,
+                                                  batch_size=batch_size)  # [Q, k]
     for lo in range(0, chunk_ids.size, batch_size):
         ids = chunk_ids[lo:lo + batch_size]
-        neighbour_ids = retrieve_chunk_neighbours(db, split, ids, num_neighbours, overfetch,
-                                                  exclude_doc_ids, batch_size=batch_size)
-        neighbours = db.neighbour_tokens(neighbour_ids)  # [Q, k, 2m]
+        neighbours = db.neighbour_tokens(all_neighbour_ids[lo:lo + batch_size])  # [q, k, 2m]
         out[lo:lo + ids.size] = overlap_ratio(np.asarray(arrays.tokens[ids]), neighbours, m)
     return out

@@ -93,9 +93,8 @@ def sample_run(config, workdir: Path, prompt: str, *, max_tokens: int, temperatu
     k = int(config.sample.num_neighbours)
     retriever = None
     if model.cfg.retrieval and k > 0:
-        if embedder is None and not bm25:
-            embedder = make_embedder(config)
-        retriever = DatabaseRetriever(db, embedder, num_neighbours=k)
+        # make_embedder gives None for a "bm25" database, which needs no BERT.
+        retriever = DatabaseRetriever(db, embedder or make_embedder(config), num_neighbours=k)
     tokenizer = db.tokenizer
     prompt_tokens = tokenizer.encode(prompt)
     result = generate(model, prompt_tokens, max_tokens=max_tokens,
