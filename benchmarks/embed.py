@@ -127,8 +127,8 @@ def main() -> None:
             + f" --xla_force_host_platform_device_count={args.host_devices}"
             + " --xla_cpu_multi_thread_eigen=false"
         )
-    from data_pipeline.embed import ChunkEmbedder, default_embedder_path
-    from data_pipeline.embed.bert import forward_flops
+    from data_pipeline.retrieval.embed import ChunkEmbedder, default_embedder_path
+    from data_pipeline.retrieval.embed.bert import forward_flops
     from retro_jax.train.metrics import measure_cpu_matmul_flops
 
     if not args.no_reference and not (REF_VENV / "bin" / "python").is_file():

@@ -23,7 +23,7 @@ JSON lines, one object per figure set:
 Shape: n=512, m=64 (L=8), k=10 neighbours of 2m=128 tokens, batch 8 windows, stride n; the
 demo model (d 256, 4 layers, CCA at 2 and 4, encoder 2 x 256) at a 4k vocabulary, fp32, on
 this machine's CPUs. Database: 50k train chunks (--quick: 10k) of random tokens with clustered
-384-dim keys, indexed by data_pipeline.index (ScaNN tree + AH above 20k keys, else brute
+384-dim keys, indexed by data_pipeline.retrieval.scann (ScaNN tree + AH above 20k keys, else brute
 force); evaluation split: 32 documents of 8-24 chunks (--quick: 6).
 
     .venv/bin/python benchmarks/eval.py --quick
@@ -55,62 +55,34 @@ def emit(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
 
 
-def _documents(rng, num_chunks: int, low: int, high: int) -> list[int]:
-    sizes = []
-    while sum(sizes) < num_chunks:
-        sizes.append(int(rng.integers(low, high + 1)))
-    sizes[-1] -= sum(sizes) - num_chunks
-    return [s for s in sizes if s > 0]
-
-
 def synthetic_database(path: Path, train_chunks: int, eval_docs: int, seed: int = 0):
-    from data_pipeline.database import DatabaseWriter
-    from data_pipeline.index import IndexParams, build_shard
-    from data_pipeline.tokenizer import EOS_ID, train_tokenizer
+    """Train chunks with clustered keys (one index shard, the base config's index settings)
+    and `eval_docs` validation documents of 8-25 chunks (data_pipeline.database.synthetic)."""
+    from data_pipeline.database.synthetic import (
+        document_lengths,
+        synthetic_tokenizer,
+        write_synthetic_database,
+    )
+    from data_pipeline.retrieval.scann import IndexParams
     from retro_jax.configs.base import get_base_config
 
     rng = np.random.default_rng(seed)
-    words = ["".join(rng.choice(list("abcdefghij"), size=4)) for _ in range(300)]
-    tok = train_tokenizer([" ".join(rng.choice(words, size=12)) for _ in range(400)],
-                          path.parent / "bench_tok.model", vocab_size=300)
-    centres = rng.normal(size=(500, DIM)).astype(np.float32)
-    writer = DatabaseWriter(path, chunk_len=CHUNK_LEN, tokenizer_path=tok.path,
-                            embedder_name="synthetic", embed_dim=DIM,
-                            corpus={"kind": "synthetic", "description": "benchmark"})
-    rows, first_doc = [], 0
-    splits = {"train": _documents(rng, train_chunks, 1, 400),
-              "validation": [int(x) for x in rng.integers(8, 25, size=eval_docs)]}
-    for split, sizes in splits.items():
-        n = sum(sizes)
-        doc_ids = np.repeat(np.arange(first_doc, first_doc + len(sizes), dtype=np.int64), sizes)
-        tokens = rng.integers(4, VOCAB, size=(n, CHUNK_LEN), dtype=np.int32)
-        ends = np.cumsum(sizes) - 1
-        tokens[ends, CHUNK_LEN // 2] = EOS_ID
-        tokens[ends, CHUNK_LEN // 2 + 1:] = 0
-        doc_centre = centres[rng.integers(0, len(centres), size=len(sizes))]
-        keys = (doc_centre + 0.5 * rng.normal(size=doc_centre.shape)).astype(np.float32)
-        keys = keys[doc_ids - first_doc] + 0.3 * rng.normal(size=(n, DIM)).astype(np.float32)
-        writer.write_split(split, tokens, doc_ids, keys)
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        for i, c in enumerate(sizes):
-            real = c * CHUNK_LEN - (CHUNK_LEN // 2 - 1)
-            rows.append({"doc_id": first_doc + i, "id": f"{split}/{i}", "title": str(i),
-                         "source": "synthetic", "split": split, "first_chunk": int(starts[i]),
-                         "num_chunks": c, "num_tokens": real, "num_bytes": 4 * real,
-                         "num_words": real})
-        first_doc += len(sizes)
-        if split == "train":
-            params = IndexParams.from_config(get_base_config().index, n)
-            start = time.perf_counter()
-            writer.add_shard(0, n, build_shard(keys, params))
-            index_s = time.perf_counter() - start
-    writer.write_documents(rows)
-    db = writer.finish()
+    documents = {"train": document_lengths(rng, total_chunks=train_chunks, chunk_len=CHUNK_LEN),
+                 "validation": [(int(c) - 1) * CHUNK_LEN + CHUNK_LEN // 2 + 1
+                                for c in rng.integers(8, 25, size=eval_docs)]}
+    index_settings = get_base_config().index.to_dict()
+    start = time.perf_counter()
+    db = write_synthetic_database(
+        path, synthetic_tokenizer(path.parent / "bench_tok.model"), documents=documents,
+        chunk_len=CHUNK_LEN, dim=DIM, num_clusters=500, index_settings=index_settings,
+        seed=seed)
+    index_s = time.perf_counter() - start
+    params = IndexParams.for_size(train_chunks, **index_settings)
     emit({"kind": "database", "train_chunks": train_chunks, "eval_documents": eval_docs,
-          "eval_chunks": int(sum(splits["validation"])), "dim": DIM,
+          "eval_chunks": int(db.split("validation").tokens.shape[0]), "dim": DIM,
           "index": "brute force" if params.brute_force else
           f"tree {params.num_leaves} leaves / {params.num_leaves_to_search} searched, AH, "
-          f"reorder {params.reorder_k}", "index_build_s": round(index_s, 1)})
+          f"reorder {params.reorder_k}", "write_and_index_s": round(index_s, 1)})
     return db
 
 

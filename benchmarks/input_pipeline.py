@@ -12,9 +12,9 @@ JSON lines, one object per figure set:
 Shape "cpu-small": n=512, m=64 (L=8), k=2, overfetch 4, batch 8, packed sequences. The
 database: 200k chunks (--quick: 50k) of random tokens in ~1k documents, 384-dim keys
 clustered around 1,000 centres (documents near a centre, chunks near their document), indexed
-with the real index code (data_pipeline.index: ScaNN tree + AH + re-ordering above 20k keys,
-one shard). The train step: the demo model (d 256, 4 layers, CCA at 2 and 4, encoder 2 x 256)
-at a 32k vocabulary, AdamW, fp32, on this machine's CPUs.
+with the real index code (data_pipeline.retrieval.scann: ScaNN tree + AH + re-ordering above
+20k keys, one shard). The train step: the demo model (d 256, 4 layers, CCA at 2 and 4,
+encoder 2 x 256) at a 32k vocabulary, AdamW, fp32, on this machine's CPUs.
 
     .venv/bin/python benchmarks/input_pipeline.py --quick
     .venv/bin/python benchmarks/input_pipeline.py
@@ -45,51 +45,30 @@ def emit(obj: dict) -> None:
 
 
 def synthetic_database(path: Path, num_chunks: int, seed: int = 0):
-    """A database directory with clustered keys, indexed by data_pipeline.index."""
-    from data_pipeline.database import DatabaseWriter
-    from data_pipeline.index import IndexParams, build_shard
-    from data_pipeline.tokenizer import EOS_ID, train_tokenizer
+    """A database of `num_chunks` train chunks with clustered keys, one index shard scaled
+    with the base config's index settings (data_pipeline.database.synthetic)."""
+    from data_pipeline.database.synthetic import (
+        document_lengths,
+        synthetic_tokenizer,
+        write_synthetic_database,
+    )
+    from data_pipeline.retrieval.scann import IndexParams
     from retro_jax.configs.base import get_base_config
 
     rng = np.random.default_rng(seed)
-    words = ["".join(rng.choice(list("abcdefghij"), size=4)) for _ in range(300)]
-    tok = train_tokenizer([" ".join(rng.choice(words, size=12)) for _ in range(400)],
-                          path.parent / "bench_tok.model", vocab_size=300)
-    # Documents of 1..400 chunks (mean ~200): the last chunk ends with EOS + padding.
-    doc_chunks = []
-    while sum(doc_chunks) < num_chunks:
-        doc_chunks.append(int(rng.integers(1, 400)))
-    doc_chunks[-1] -= sum(doc_chunks) - num_chunks
-    doc_chunks = [c for c in doc_chunks if c > 0]
-    doc_ids = np.repeat(np.arange(len(doc_chunks), dtype=np.int64), doc_chunks)
-    tokens = rng.integers(4, VOCAB, size=(num_chunks, CHUNK_LEN), dtype=np.int32)
-    ends = np.cumsum(doc_chunks) - 1
-    tokens[ends, CHUNK_LEN // 2] = EOS_ID
-    tokens[ends, CHUNK_LEN // 2 + 1:] = 0
-    centres = rng.normal(size=(1000, DIM)).astype(np.float32)
-    doc_centre = centres[rng.integers(0, 1000, size=len(doc_chunks))] + 0.5 * rng.normal(
-        size=(len(doc_chunks), DIM)).astype(np.float32)
-    keys = doc_centre[doc_ids] + 0.3 * rng.normal(size=(num_chunks, DIM)).astype(np.float32)
-
-    writer = DatabaseWriter(path, chunk_len=CHUNK_LEN, tokenizer_path=tok.path,
-                            embedder_name="synthetic", embed_dim=DIM,
-                            corpus={"kind": "synthetic", "description": "benchmark"})
-    writer.write_split("train", tokens, doc_ids, keys)
-    first = np.concatenate([[0], np.cumsum(doc_chunks)[:-1]])
-    writer.write_documents({"doc_id": i, "id": str(i), "title": str(i), "source": "synthetic",
-                            "split": "train", "first_chunk": int(first[i]),
-                            "num_chunks": int(c), "num_tokens": int(c) * CHUNK_LEN,
-                            "num_bytes": int(c) * CHUNK_LEN * 4, "num_words": int(c) * CHUNK_LEN}
-                           for i, c in enumerate(doc_chunks))
+    lengths = document_lengths(rng, total_chunks=num_chunks, chunk_len=CHUNK_LEN)
+    index_settings = get_base_config().index.to_dict()
     start = time.perf_counter()
-    params = IndexParams.from_config(get_base_config().index, num_chunks)
-    writer.add_shard(0, num_chunks, build_shard(keys, params, first_chunk=0))
+    db = write_synthetic_database(
+        path, synthetic_tokenizer(path.parent / "bench_tok.model"), documents={"train": lengths},
+        chunk_len=CHUNK_LEN, dim=DIM, num_clusters=1000, index_settings=index_settings,
+        seed=seed)
     build_s = time.perf_counter() - start
-    db = writer.finish()
-    emit({"kind": "database", "chunks": num_chunks, "documents": len(doc_chunks), "dim": DIM,
+    params = IndexParams.for_size(num_chunks, **index_settings)
+    emit({"kind": "database", "chunks": num_chunks, "documents": len(lengths), "dim": DIM,
           "index": "brute force" if params.brute_force else
           f"tree {params.num_leaves} leaves / {params.num_leaves_to_search} searched, AH, "
-          f"reorder {params.reorder_k}", "index_build_s": round(build_s, 1)})
+          f"reorder {params.reorder_k}", "write_and_index_s": round(build_s, 1)})
     return db
 
 

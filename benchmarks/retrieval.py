@@ -127,10 +127,10 @@ def dir_bytes(path: Path) -> int:
 
 
 def run_scann(args, xb, xq, xt, gt_q, gt_t, workdir: Path) -> None:
-    from data_pipeline.index import IndexParams, build_shard
+    from data_pipeline.retrieval.scann import IndexParams, build_shard
     from retro_jax.configs.base import get_base_config
 
-    params = IndexParams.from_config(get_base_config().index, len(xb))
+    params = IndexParams.for_size(len(xb), **get_base_config().index.to_dict())
     t0 = time.perf_counter()
     shard = build_shard(xb, params)
     build_s = time.perf_counter() - t0
@@ -276,7 +276,7 @@ def scale_worker(n: int, dim: int, nq: int, *, sweep: bool = False,
     search = f x sqrt(num_leaves), reorder_k): kind=scaling_sweep lines, no rebuild.
     `overrides`: config.index values to build with instead of the defaults.
     """
-    from data_pipeline.index import IndexParams, build_shard, exact_search
+    from data_pipeline.retrieval.scann import IndexParams, build_shard, exact_search
     from retro_jax.configs.base import get_base_config
 
     rng = np.random.default_rng(n)
@@ -287,7 +287,7 @@ def scale_worker(n: int, dim: int, nq: int, *, sweep: bool = False,
     index_cfg = get_base_config().index
     for key, value in (overrides or {}).items():
         index_cfg[key] = value
-    params = IndexParams.from_config(index_cfg, n)
+    params = IndexParams.for_size(n, **index_cfg.to_dict())
     t0 = time.perf_counter()
     shard = build_shard(xb, params)
     build_s = time.perf_counter() - t0
@@ -386,7 +386,7 @@ def main() -> None:
 
     if {"scann", "faiss"} <= skip:
         return run_scaling(args)
-    from data_pipeline.index import exact_search
+    from data_pipeline.retrieval.scann import exact_search
 
     rng = np.random.default_rng(0)
     info, xb, xq, xt = make_data(args, rng)

@@ -75,7 +75,7 @@ def embedder_cost(m: int) -> dict:
     import jax
     from jax.sharding import Mesh
 
-    from data_pipeline.embed import ChunkEmbedder, default_embedder_path
+    from data_pipeline.retrieval.embed import ChunkEmbedder, default_embedder_path
 
     emb = ChunkEmbedder(default_embedder_path(), batch_size=1, max_wordpieces=128,
                         mesh=Mesh(np.array(jax.local_devices()[:1]), ("data",)))

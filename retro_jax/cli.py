@@ -27,7 +27,7 @@ from retro_jax.configs.validate import ConfigError
 
 # command -> (module, function, one-line help). The function takes the parsed args.
 COMMANDS = {
-    "build-db": ("data_pipeline.build", "run_build_db",
+    "build-db": ("retro_jax.build_db", "run_build_db",
                  "tokenizer, chunks, frozen-BERT keys and ScaNN index: the retrieval database"),
     "train": ("retro_jax.train.loop", "run_train",
               "train RETRO (or its baseline) on a device mesh, resuming from W"),

@@ -110,8 +110,8 @@ def format_results(rows: list[dict], split: str) -> str:
 def run_demo(args) -> int:
     import jax
 
-    from data_pipeline.build import build_database
     from data_pipeline.corpora import corpus_statistics, format_statistics
+    from retro_jax.build_db import build_run_database
     from retro_jax.evaluate.plots import plot_leakage
     from retro_jax.evaluate.results import collect_leakage_curves
     from retro_jax.evaluate.runner import evaluate_run
@@ -134,12 +134,12 @@ def run_demo(args) -> int:
 
     _banner(1, "corpus: the embedded default corpus")
     t0 = time.perf_counter()
-    print(format_statistics(corpus_statistics(retro_cfg.corpus)))
+    print(format_statistics(corpus_statistics(**retro_cfg.corpus.to_dict())))
     lap("corpus", t0)
 
     _banner(2, "build-db: tokenizer, chunks, frozen-BERT keys, ScaNN index")
     t0 = time.perf_counter()
-    build_database(retro_cfg, retro_cfg.database.path)
+    build_run_database(retro_cfg, retro_cfg.database.path)
     lap("build-db", t0)
 
     _banner(3, "train: RETRO, its baseline (same decoder, same tokens), the RETRO-fitted baseline")

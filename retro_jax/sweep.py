@@ -112,11 +112,11 @@ def _is_finished(run: SweepRun) -> bool:
 
 def execute(run: SweepRun) -> None:
     """Build (or reuse) the database, train (or resume), evaluate ON/OFF with leakage curves."""
-    from data_pipeline.build import build_database
+    from retro_jax.build_db import build_run_database
     from retro_jax.evaluate.runner import evaluate_run
     from retro_jax.train.loop import train
 
-    build_database(run.config, run.config.database.path)
+    build_run_database(run.config, run.config.database.path)
     if train(run.config, run.workdir).get("preempted"):
         raise Preempted(f"{run.name} stopped by a signal; rerun the sweep to resume")
     for retrieval in _eval_modes(run.config):

@@ -4,7 +4,7 @@
     db = make_tiny_database(tmp_path)                 # ~2-5 s, hash-trigram keys
     db = make_tiny_database(tmp_path, embedder="real")  # frozen all-MiniLM-L6-v2 keys
 
-The database goes through the real build (data_pipeline.build.build_database): SentencePiece
+The database goes through the real build (retro_jax.build_db.build_run_database): SentencePiece
 training, chunking, keys, ScaNN shards, recall check, manifest. Documents are generated from a
 shared pool of sentences, so chunks of different documents repeat each other and retrieval
 has real neighbours to find. Everything is deterministic in `seed`.
@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.build import build_database
 from data_pipeline.database import RetrievalDatabase
+from retro_jax.build_db import build_run_database
 
 _SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "to", "sa", "vi", "de", "po", "li", "an", "er",
               "os", "un", "ta", "be", "ko", "fi", "ga")
@@ -115,7 +115,7 @@ def real_embedder(batch_size: int = 32, max_wordpieces: int = 64):
     """The default frozen BERT (cached per process: loading + compiling takes seconds)."""
     key = (batch_size, max_wordpieces)
     if key not in _REAL_EMBEDDERS:
-        from data_pipeline.embed import ChunkEmbedder, default_embedder_path
+        from data_pipeline.retrieval.embed import ChunkEmbedder, default_embedder_path
 
         _REAL_EMBEDDERS[key] = ChunkEmbedder(default_embedder_path(), batch_size=batch_size,
                                              max_wordpieces=max_wordpieces,
@@ -176,7 +176,7 @@ def make_tiny_database(
     """
     if embedder == "auto":
         try:
-            from data_pipeline.embed import default_embedder_path
+            from data_pipeline.retrieval.embed import default_embedder_path
 
             default_embedder_path()
             embedder = "real"
@@ -190,9 +190,8 @@ def make_tiny_database(
     num_docs = num_docs if num_docs is not None else (6 if small else 24)
     eval_docs = eval_docs if eval_docs is not None else (2 if small else 4)
     config = tiny_config(**dict(config_overrides or {}))
-    return build_database(config, Path(tmp_path) / name, corpus=tiny_corpus(
-        num_docs, seed=seed, eval_docs=eval_docs), embedder=emb,
-        key_block_chunks=key_block_chunks)
+    return build_run_database(config, Path(tmp_path) / name, corpus=tiny_corpus(
+        num_docs, seed=seed, eval_docs=eval_docs), embedder=emb, block_rows=key_block_chunks)
 
 
 def write_jsonl_corpus(path: Path, docs) -> Path:

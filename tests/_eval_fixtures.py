@@ -113,13 +113,13 @@ def build_and_train(config, workdir: Path) -> Path:
 
     The database is `database.path` when set (shared by several runs), else `<workdir>/db`.
     """
-    from data_pipeline.build import build_database
+    from retro_jax.build_db import build_run_database
     from retro_jax.train.loop import train
 
     workdir = Path(workdir)
     db_path = Path(config.database.path) if config.database.path else workdir / "db"
     if not (db_path / "manifest.json").is_file():
-        build_database(config, db_path, embedder=HashEmbedder())
+        build_run_database(config, db_path, embedder=HashEmbedder())
     train(config, workdir, progress="none", tensorboard=False)
     return workdir
 

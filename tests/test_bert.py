@@ -1,4 +1,5 @@
-"""Frozen-BERT chunk keys (data_pipeline/embed): reference agreement, batching, sharding, errors.
+"""Frozen-BERT chunk keys (data_pipeline/retrieval/embed): reference agreement, batching,
+sharding, errors.
 
 The reference keys in tests/fixtures/bert_reference.json come from sentence-transformers
 (PyTorch) with its Normalize module removed: mean-pooled, unnormalised, max_seq_length 256
@@ -18,13 +19,13 @@ import pytest
 from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
-from data_pipeline.embed import (
+from data_pipeline.errors import DataError
+from data_pipeline.retrieval.embed import (
     ChunkEmbedder,
     WordPieceTokenizer,
     default_embedder_path,
     length_buckets,
 )
-from data_pipeline.errors import DataError
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "bert_reference.json"
 MAX_WORDPIECES = 256
@@ -258,7 +259,7 @@ def test_forward_flops_matches_xla_cost_analysis():
     body once, whatever its length."""
     from flax import nnx
 
-    from data_pipeline.embed.bert import BertConfig, BertEncoder, forward_flops
+    from data_pipeline.retrieval.embed.bert import BertConfig, BertEncoder, forward_flops
 
     cfg = BertConfig(vocab_size=100, hidden_size=128, num_hidden_layers=1,
                      num_attention_heads=4, intermediate_size=512)

@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.bm25 import BM25_DIR, CANDIDATES_FILE, Bm25Index, top_k_from_scores
-from data_pipeline.build import KILL_ENV, build_database
 from data_pipeline.database import BUILD_TIMES_FILE, RetrievalDatabase, partial_path
 from data_pipeline.errors import DataError
 from data_pipeline.input_pipeline import (
@@ -23,8 +21,11 @@ from data_pipeline.input_pipeline import (
     make_eval_windows,
     precompute_neighbours,
     retrieve_chunk_neighbours,
-    retrieve_neighbours,
 )
+from data_pipeline.resumable import KILL_ENV
+from data_pipeline.retrieval.bm25 import BM25_DIR, CANDIDATES_FILE
+from data_pipeline.retrieval.bm25_index import Bm25Index, top_k_from_scores
+from retro_jax.build_db import build_run_database
 from tests._db_fixtures import make_tiny_database, tiny_config, tiny_corpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,29 +43,32 @@ def db(tmp_path_factory) -> RetrievalDatabase:
     return _build(tmp_path_factory.mktemp("bm25"))
 
 
-def _reference(db, split, k, *, exclude_same_document=True, exclude_doc_ids=()):
-    """The pipeline's filter on the candidate table, in Python: first k survivors."""
-    arrays, train = db.split(split), db.split("train")
-    out = np.full((len(arrays.tokens), k), -1, np.int64)
-    for i, row in enumerate(db.candidates(split)):
-        kept = [c for c in row[: min(k * 4, K)] if c >= 0
-                and not (exclude_same_document and train.doc_ids[c] == arrays.doc_ids[i])
-                and int(train.doc_ids[c]) not in exclude_doc_ids]
-        out[i, : min(k, len(kept))] = kept[:k]
-    return out
+def _reference_row(db, split, i, k, own_docs, exclude_doc_ids=()):
+    """The pipeline's filter on chunk i's candidate row, in Python: first k survivors."""
+    train_docs = db.split("train").doc_ids
+    kept = [c for c in db.split(split).queries[i][: min(k * 4, K)] if c >= 0
+            and int(train_docs[c]) not in own_docs and int(train_docs[c]) not in exclude_doc_ids]
+    return np.array((kept + [-1] * k)[:k], np.int64)
+
+
+def _reference(db, split, k, *, exclude_doc_ids=()):
+    """Every chunk's neighbours with its own document excluded (a query on its own)."""
+    doc_ids = db.split(split).doc_ids
+    return np.stack([_reference_row(db, split, i, k, {int(doc_ids[i])}, exclude_doc_ids)
+                     for i in range(len(doc_ids))])
 
 
 # ------------------------------------------------------------------------------ build
 def test_build_writes_candidates_and_the_bm25_index_not_keys(db):
     m = db.manifest
-    assert m["retriever"] == db.retriever == "bm25" and m["shards"] == []
+    assert m["retriever"] == db.retriever_kind == "bm25" and m["shards"] == []
     assert m["bm25"]["num_candidates"] == K and m["bm25"]["params"]["stopwords"] is None
     assert not (db.path / "index").exists()
     for split in ("train", "validation", "test"):
         arrays = db.split(split)
-        assert arrays.keys is None and not (db.path / split / "keys.npy").exists()
-        assert db.candidates(split).dtype == np.int64
-        assert db.candidates(split).shape == (m["splits"][split]["num_chunks"], K)
+        assert not (db.path / split / "keys.npy").exists()
+        assert arrays.queries.dtype == np.int64  # the BM25 candidate rows
+        assert arrays.queries.shape == (m["splits"][split]["num_chunks"], K)
     # bm25s's own files, no pickle: .npy arrays load with allow_pickle=False, the rest is JSON.
     files = sorted(p.name for p in (db.path / BM25_DIR).iterdir())
     assert files == ["data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy",
@@ -75,8 +79,6 @@ def test_build_writes_candidates_and_the_bm25_index_not_keys(db):
             np.load(path, allow_pickle=False)
         else:
             json.loads(path.read_text())
-    with pytest.raises(DataError, match="no ScaNN index"):
-        db.searcher()
 
 
 def test_candidates_are_bm25_order_against_a_direct_bm25s_query(db):
@@ -98,7 +100,7 @@ def test_candidates_are_bm25_order_against_a_direct_bm25s_query(db):
             ids, scores = ids[0], scores[0]
             keep = (scores > 0) & (train_docs[ids] != arrays.doc_ids[i])  # own document out
             ids, scores = ids[keep][:K], scores[keep][:K]
-            row = db.candidates(split)[i]
+            row = db.split(split).queries[i]
             got = row[row >= 0]
             assert len(got) == len(ids)
             got_scores = direct.get_scores(words[0])[got]
@@ -122,10 +124,13 @@ def test_top_k_from_scores_breaks_ties_by_id_and_skips_zero():
 def test_training_batches_exclude_the_same_document(db):
     train = db.split("train")
     dataset = make_dataset(db, "train", seq_len=64, batch_size=4, num_neighbours=2, seed=3)
-    want = _reference(db, "train", 2)
     for batch in dataset.take(3).as_numpy_iterator():
         ids, chunk_ids = batch["neighbour_ids"], batch["chunk_ids"]
-        np.testing.assert_array_equal(ids, want[chunk_ids])
+        for row in range(len(chunk_ids)):
+            sequence_docs = {int(d) for d in batch["doc_ids"][row]}  # packed: several
+            want = np.stack([_reference_row(db, "train", c, 2, sequence_docs)
+                             for c in chunk_ids[row]])
+            np.testing.assert_array_equal(ids[row], want)
         found = ids >= 0
         assert found.mean() > 0.9
         assert not (train.doc_ids[ids[found]] == batch["doc_ids"][..., None].repeat(2, -1)[
@@ -137,7 +142,7 @@ def test_eval_windows_exclude_doc_ids_and_precompute_matches_inline(db, tmp_path
     val = db.split("validation")
     train_docs = db.split("train").doc_ids
     # Exclude the documents of the first few candidates of the validation chunks.
-    first = db.candidates("validation")[:20, 0]
+    first = db.split("validation").queries[:20, 0]
     excluded = {int(d) for d in train_docs[first[first >= 0]]}
     dataset = make_eval_windows(db, "validation", 64, 64, batch_size=2, num_neighbours=3,
                                 exclude_doc_ids=excluded)
@@ -158,14 +163,12 @@ def test_eval_windows_exclude_doc_ids_and_precompute_matches_inline(db, tmp_path
     for a, b in zip(inline.take(2).as_numpy_iterator(), stored.take(2).as_numpy_iterator()):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
-    with pytest.raises(DataError, match="not searched by key"):
-        retrieve_neighbours(db, np.zeros((1, 4), np.float32), np.zeros(1, np.int64), 2)
 
 
 def test_k_above_the_table_width_pads_with_missing(db):
     ids = retrieve_chunk_neighbours(db, "validation", np.arange(4), K + 3)
     assert ids.shape == (4, K + 3) and (ids[:, K:] == -1).all()
-    np.testing.assert_array_equal(ids[:, :K], db.candidates("validation")[:4])
+    np.testing.assert_array_equal(ids[:, :K], db.split("validation").queries[:4])
 
 
 # ----------------------------------------------------------------------------- checks
@@ -173,18 +176,18 @@ def test_manifest_retriever_mismatch_names_both_values_and_the_fix(db, tmp_path)
     with pytest.raises(DataError, match=r"manifest\.json: the database was built for retriever "
                        r"'bm25'.*database\.retriever='bert'.*database\.retriever='bm25'.*"
                        r"--force"):
-        RetrievalDatabase.open(db.path, expect_retriever="bert")
-    assert RetrievalDatabase.open(db.path, expect_retriever="bm25").retriever == "bm25"
+        RetrievalDatabase.open(db.path, retriever="bert")
+    assert RetrievalDatabase.open(db.path, retriever="bm25").retriever_kind == "bm25"
     # build-db with a BERT config over the existing bm25 database (no --force).
     with pytest.raises(DataError, match="retriever 'bm25'"):
-        build_database(tiny_config(), db.path, corpus=tiny_corpus())
+        build_run_database(tiny_config(), db.path, corpus=tiny_corpus())
     # And the other way round: a BERT database opened by a bm25 config.
     from tests._input_pipeline_fixtures import tiny_tokenizer, write_database
 
     bert = write_database(tmp_path / "bert", tiny_tokenizer(tmp_path))
     with pytest.raises(DataError, match=r"built for retriever 'bert'.*"
                        r"database\.retriever='bm25'"):
-        RetrievalDatabase.open(bert.path, expect_retriever="bm25")
+        RetrievalDatabase.open(bert.path, retriever="bm25")
 
 
 # ----------------------------------------------------------------------- kill -9 resume
@@ -228,23 +231,26 @@ TINY_MODEL = {"model.d_model": 32, "model.num_layers": 2, "model.num_heads": 2,
 
 
 def test_sampling_queries_the_bm25_index_and_attributes_neighbours(db, tmp_path):
-    from retro_jax.sample.cli import make_embedder, sample_run
+    from data_pipeline.retrieval import Bm25Retriever
+    from retro_jax.sample.cli import sample_run
     from retro_jax.sample.generate import DatabaseRetriever
+    from retro_jax.train.data import retriever_from_config
     from tests._model_fixtures import save_untrained_run
 
     # Live queries use the saved index: a train chunk's own text finds the chunk itself.
-    retriever = DatabaseRetriever(db, None, num_neighbours=2)
+    search = Bm25Retriever().text_search(db)
+    retriever = DatabaseRetriever(db, search, num_neighbours=2)
     train = db.split("train")
     ids, tokens = retriever(train.tokens[5])
     assert ids[0] == 5 and tokens.shape == (2, 2 * db.chunk_len)
     texts = [db.tokenizer.decode(train.tokens[5])]
     np.testing.assert_array_equal(ids, Bm25Index.load(db.path / BM25_DIR).top_k(texts, 2)[0])
-    excluding = DatabaseRetriever(db, None, num_neighbours=2,
+    excluding = DatabaseRetriever(db, search, num_neighbours=2,
                                   exclude_doc_ids=[int(train.doc_ids[5])])
     assert not np.isin(train.doc_ids[excluding(train.tokens[5])[0]], [train.doc_ids[5]]).any()
 
     config = tiny_config(**TINY_MODEL, **BM25, **{"database.path": str(db.path)})
-    assert make_embedder(config) is None  # no BERT for a bm25 database
+    assert isinstance(retriever_from_config(config), Bm25Retriever)  # no BERT to load
     save_untrained_run(config, tmp_path)
     prompt = db.tokenizer.decode(np.asarray(train.tokens[:2]).reshape(-1))
     out = sample_run(config, tmp_path, prompt, max_tokens=40, temperature=0.8, top_k=20,

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.build import KILL_ENV, build_database
 from data_pipeline.database import BUILD_TIMES_FILE, RetrievalDatabase, partial_path
 from data_pipeline.errors import DataError
+from data_pipeline.resumable import KILL_ENV
+from retro_jax.build_db import build_run_database as build_database
 from tests._db_fixtures import (
     HashEmbedder,
     ListCorpus,
@@ -70,9 +71,10 @@ def test_tiny_build_is_consistent(tmp_path):
             assert row["doc_id"] not in seen
             seen.add(row["doc_id"])
         texts = [db.tokenizer.decode(t) for t in arrays.tokens[:5]]
-        np.testing.assert_array_equal(arrays.keys[:5], HashEmbedder().embed(texts))
+        np.testing.assert_array_equal(arrays.queries[:5], HashEmbedder().embed(texts))
     # Retrieval works: a train chunk's own key finds it.
-    ids, _ = db.searcher().search(np.asarray(db.split("train").keys[[3, 600]]), 1)
+    searcher = db.in_graph_search().searcher
+    ids, _ = searcher.search(np.asarray(db.split("train").queries[[3, 600]]), 1)
     assert db.split("train").tokens[ids[0, 0]].tolist() == db.split("train").tokens[3].tolist()
 
 
@@ -106,6 +108,22 @@ def test_caps_fraction_and_dedup(tmp_path):
     assert db.splits == ("train", "validation")
 
 
+def test_repeated_documents_build_with_exact_recall(tmp_path):
+    """Boilerplate: every document three times. Identical chunks have identical keys, so exact
+    search may return any copy; the recall check counts ties, so brute force measures 1.0."""
+    train = generated_documents(12, seed=3, max_sentences=6)
+    repeated = [type(d)(id=f"{d.id}/{copy}", title=d.title, text=d.text, source=d.source)
+                for d in train for copy in range(3)]
+    validation = [type(d)(id=f"v{i}", title=d.title, text=d.text, source=d.source)
+                  for i, d in enumerate(train[:4])]  # held-out copies: distance-0 ties
+    corpus = ListCorpus({"train": repeated, "validation": validation, "test": []})
+    config = tiny_config(**{"database.eval_splits": ("validation",),
+                            "index.recall_floor": 1.0})
+    db = build_database(config, tmp_path / "db", corpus=corpus, embedder=HashEmbedder())
+    assert db.manifest["index"]["params"]["brute_force"]
+    assert db.manifest["index"]["recall_at_10"] == 1.0
+
+
 def test_low_recall_fails_then_rerun_rebuilds_only_the_index(tmp_path):
     embedder = CountingEmbedder()
     bad = {"index.brute_force_below": 10, "index.num_leaves": 16,
@@ -129,8 +147,9 @@ def test_low_recall_fails_then_rerun_rebuilds_only_the_index(tmp_path):
 def database_digests(path: Path) -> dict[str, str]:
     """sha256 of every file of a database except build_times.json (timings).
 
-    Index shards included: they are state files without timestamps (data_pipeline/index/state.py)
-    and ScaNN's training is deterministic (data_pipeline/index/shard.py: build_shard).
+    Index shards included: they are state files without timestamps
+    (data_pipeline/retrieval/scann/state.py) and ScaNN's training is deterministic
+    (data_pipeline/retrieval/scann/shard.py: build_shard).
     """
     return {str(file.relative_to(path)): hashlib.sha256(file.read_bytes()).hexdigest()
             for file in sorted(p for p in path.rglob("*") if p.is_file())
@@ -205,7 +224,7 @@ def test_kill_anywhere_then_resume_is_identical(tmp_path, clean_build_fresh_proc
 # --------------------------------------------------------------------- CLI end to end
 def test_cli_build_db_end_to_end(tmp_path, capsys):
     """`retro-jax build-db` on a JSONL corpus with the real frozen BERT (skipped without it)."""
-    from data_pipeline.embed import default_embedder_path
+    from data_pipeline.retrieval.embed import default_embedder_path
 
     try:
         default_embedder_path()
@@ -233,11 +252,14 @@ def test_cli_build_db_end_to_end(tmp_path, capsys):
                "--config.index.recall_sample=16"])
     out = capsys.readouterr().out
     assert rc == 0, out
+    from data_pipeline.retrieval import BertRetriever
+
     db = RetrievalDatabase.open(tmp_path / "run" / "db", expect_chunk_len=16,
-                                expect_embedder=("all-MiniLM-L6-v2", 384))
+                                retriever=BertRetriever())
+    assert db.manifest["embedder"] == {"name": "all-MiniLM-L6-v2", "dim": 384}
     assert db.manifest["splits"]["train"]["num_chunks"] == 96
     assert db.manifest["splits"]["validation"]["num_chunks"] > 0
     assert db.manifest["corpus"]["kind"] == "jsonl"
     assert "recall@10" in out and "train" in out and "MB" in out
-    keys = db.split("train").keys
+    keys = db.split("train").queries
     assert keys.shape == (96, 384) and np.isfinite(keys).all() and np.abs(keys).sum() > 0

@@ -7,15 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from data_pipeline.chunks import (
+from data_pipeline.database import DatabaseWriter
+from data_pipeline.text.chunks import (
     ChunkFileWriter,
     chunk_split,
     chunk_token_ids,
     keep_fraction,
-    word_count,
 )
-from data_pipeline.database import DatabaseWriter
-from data_pipeline.tokenizer import EOS_ID, PAD_ID, train_tokenizer
+from data_pipeline.text.tokenizer import EOS_ID, PAD_ID, train_tokenizer
 from tests._db_fixtures import FakeDocument, generated_documents
 
 M = 4
@@ -113,13 +112,6 @@ def test_streaming_writer_matches_in_memory(tmp_path):
     expected_ids = np.concatenate([np.full(-(-len(d) // M), i) for i, d in enumerate(docs)])
     np.testing.assert_array_equal(np.load(tmp_path / "tokens.npy"), expected)
     np.testing.assert_array_equal(np.load(tmp_path / "doc_ids.npy"), expected_ids)
-
-
-def test_word_count_wikitext_convention():
-    assert word_count("") == 0
-    assert word_count("a b\n") == 3
-    assert word_count("a b\nc") == 5
-    assert word_count(" = T = \n\n x y \n") == 3 + 2 + 3
 
 
 def test_real_tokenizer_chunks_decode_to_the_document(tmp_path):

@@ -15,7 +15,8 @@ from data_pipeline.database import (
     partial_path,
 )
 from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import train_tokenizer
+from data_pipeline.retrieval import BertRetriever
+from data_pipeline.text.tokenizer import train_tokenizer
 from tests._db_fixtures import generated_documents
 
 M, DIM = 8, 6
@@ -70,7 +71,7 @@ def test_writer_output_reads_back(built):
     assert db.splits == ("train", "validation")
     train = db.split("train")
     np.testing.assert_array_equal(train.tokens, tokens)
-    assert train.keys.shape == (len(tokens), DIM) and train.keys.dtype == np.float32
+    assert train.queries.shape == (len(tokens), DIM) and train.queries.dtype == np.float32
     assert db.tokenizer.sha256 == tok.sha256 == db.manifest["tokenizer"]["sha256"]
     m = db.manifest
     assert m["splits"]["train"]["num_documents"] == 6
@@ -83,23 +84,30 @@ def test_writer_output_reads_back(built):
 
 def test_searcher_finds_exact_keys(built):
     db, _, tokens = built
-    keys = db.split("train").keys
-    ids, dists = db.searcher().search(np.asarray(keys[[0, 7, len(tokens) - 1]]), 3)
+    keys = db.split("train").queries
+    searcher = db.in_graph_search().searcher
+    ids, dists = searcher.search(np.asarray(keys[[0, 7, len(tokens) - 1]]), 3)
     np.testing.assert_array_equal(ids[:, 0], [0, 7, len(tokens) - 1])
     assert np.allclose(dists[:, 0], 0.0, atol=1e-4)
+
+
+class StubEmbedder:
+    def __init__(self, name: str, dim: int):
+        self.name, self.dim = name, dim
 
 
 def test_expectations_match(built):
     db, tok, _ = built
     RetrievalDatabase.open(db.path, expect_chunk_len=M, expect_tokenizer_sha256=tok.sha256,
-                           expect_embedder=("stub", DIM))
+                           retriever=BertRetriever(StubEmbedder("stub", DIM)))
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"expect_chunk_len": 64}, r"chunk_len is 8 .*database\.chunk_len=64"),
     ({"expect_tokenizer_sha256": "0" * 64}, r"tokenizer sha256"),
-    ({"expect_embedder": "all-MiniLM-L6-v2"}, r"embedder 'stub'.*embedder\.name"),
-    ({"expect_embedder": {"name": "stub", "dim": 384}}, r"dim 6.*384"),
+    ({"retriever": BertRetriever()}, r"embedder 'stub'.*embedder\.name"),
+    ({"retriever": BertRetriever(StubEmbedder("stub", 384))}, r"dim 6.*384"),
+    ({"retriever": "bm25"}, r"built for retriever 'bert'.*database\.retriever='bm25'"),
 ])
 def test_expectation_mismatch(built, kwargs, message):
     db, _, _ = built

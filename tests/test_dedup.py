@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from data_pipeline.dedup import (
+from data_pipeline.text.dedup import (
     NearDuplicateFilter,
     _lsh_params,
     estimated_jaccard,

@@ -80,9 +80,9 @@ def test_searcher_exact_neighbours_and_knn_lm(index):
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(600, 8)).astype(np.float32)
     values = (np.arange(600) % 7).astype(np.int32)
-    index_cfg = get_base_config().index
-    index_cfg.brute_force_below = 100 if index == "scann-tree" else 20_000
-    searcher = DatastoreSearcher(Datastore(keys, values), index_cfg=index_cfg, k=4,
+    index_settings = get_base_config().index.to_dict()
+    index_settings["brute_force_below"] = 100 if index == "scann-tree" else 20_000
+    searcher = DatastoreSearcher(Datastore(keys, values), index_settings=index_settings, k=4,
                                  use_scann=index != "numpy")
     assert searcher.kind == ("exact-numpy" if index == "numpy" else "scann")
     queries = keys[:5] + 1e-3

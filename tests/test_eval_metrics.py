@@ -15,24 +15,9 @@ from retro_jax.evaluate.metrics import (
     DocumentInfo,
     DocumentScores,
     bits_per_byte,
-    count_bytes,
-    count_words,
     perplexity,
     word_perplexity,
 )
-
-
-def test_word_count_convention():
-    # Per line: its words + one end-of-line token; blank lines count 1; no phantom last line.
-    text = " = Valkyria Chronicles = \n\n Senjō no Valkyria 3 : Chronicles \n"
-    assert count_words(text) == (4 + 1) + 1 + (6 + 1)
-    assert count_words("one line without newline") == 5
-    assert count_words("") == 0
-
-
-def test_byte_count_is_utf8():
-    assert count_bytes("Senjō") == 6
-    assert count_bytes("日本") == 6
 
 
 def test_word_perplexity_hand_computed():

@@ -1,4 +1,5 @@
-"""data_pipeline/index: ScaNN TF-op shards, exact merge, persistence, tf.data, recall floor."""
+"""data_pipeline/retrieval/scann: ScaNN TF-op shards, exact merge, persistence, tf.data, recall
+floor (ties among duplicate keys count as correct)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from data_pipeline.errors import DataError
-from data_pipeline.index import (
+from data_pipeline.retrieval.scann import (
     IndexParams,
     ShardedSearcher,
     ShardSearcher,
@@ -66,18 +67,18 @@ def test_params_scale_with_shard_size():
            "num_leaves_to_search": -1, "training_sample_size": 250_000, "dims_per_block": 2,
            "anisotropic_quantization_threshold": 0.2, "reorder_k": -1, "recall_floor": 0.9,
            "recall_sample": 1000}
-    assert IndexParams.from_config(cfg, 5_000).brute_force
-    small, big = IndexParams.from_config(cfg, 100_000), IndexParams.from_config(cfg, 4_000_000)
+    assert IndexParams.for_size(5_000, **cfg).brute_force
+    small, big = IndexParams.for_size(100_000, **cfg), IndexParams.for_size(4_000_000, **cfg)
     assert (small.num_leaves, big.num_leaves) == (316, 2000)
     assert (small.num_leaves_to_search, big.num_leaves_to_search) == (54, 135)  # 3 sqrt(leaves)
     assert small.num_leaves_to_search < big.num_leaves_to_search < big.num_leaves
     assert big.num_leaves_to_search / big.num_leaves < small.num_leaves_to_search / small.num_leaves
     assert small.reorder_k == big.reorder_k >= 10 * cfg["num_neighbours"]
-    fixed = IndexParams.from_config({**cfg, "num_leaves": 50, "reorder_k": 33}, 100_000)
+    fixed = IndexParams.for_size(100_000, **{**cfg, "num_leaves": 50, "reorder_k": 33})
     assert (fixed.num_leaves, fixed.reorder_k) == (50, 33)
     assert IndexParams.from_json(big.to_json()) == big
     # Anisotropic quantization off: 0 (or nan, or None from older files) reads as 0.0.
-    plain = IndexParams.from_config({**cfg, "anisotropic_quantization_threshold": 0.0}, 100_000)
+    plain = IndexParams.for_size(100_000, **{**cfg, "anisotropic_quantization_threshold": 0.0})
     assert plain.anisotropic_quantization_threshold == 0.0
     assert IndexParams.from_json({**plain.to_json(),
                                   "anisotropic_quantization_threshold": None}) == plain
@@ -142,7 +143,7 @@ _TREE_SHARD_CODE = """
 import sys
 sys.path.insert(0, sys.argv[2])
 import numpy as np
-from data_pipeline.index import IndexParams, build_shard
+from data_pipeline.retrieval.scann import IndexParams, build_shard
 from tests.test_index import clustered_keys
 keys = clustered_keys(np.random.default_rng(5), 4000, 16, per_centre=40)
 params = IndexParams.for_size(len(keys), num_neighbours=10, brute_force_below=1000)
@@ -251,3 +252,42 @@ def test_recall_at_k_counts_set_overlap():
     exact = np.array([[1, 2, 3], [4, 5, -1]])
     approx = np.array([[3, 2, 9], [5, 4, 7]])
     assert recall_at_k(approx, exact) == pytest.approx(4 / 5)
+
+
+class _FixedSearcher:
+    """Returns the ids it was given (a stand-in for an index that picked other duplicates)."""
+
+    first_chunk = 0
+
+    def __init__(self, ids):
+        self.ids = np.asarray(ids, np.int64)
+
+    def search(self, queries, k):
+        return self.ids[:, :k], None
+
+
+def test_recall_counts_ties_among_duplicate_keys():
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((20, 8)).astype(np.float32)
+    keys = np.concatenate([base, base, base])  # every key three times (boilerplate chunks)
+    queries = base[:5] + 0.01 * rng.standard_normal((5, 8)).astype(np.float32)
+    # Brute force (exact) may return any copy: a tie is a right answer, so recall is 1.0.
+    shard = build_shard(keys, brute_params())
+    assert measure_recall(shard, keys, queries, k=K) == 1.0
+    # Another copy of each exact neighbour: still all correct.
+    exact = exact_search(keys, queries, K)
+    copies = (exact + 20) % 60  # key i and key i+20 (mod 60) are the same row of `base`
+    assert measure_recall(_FixedSearcher(copies), keys, queries, k=K) == 1.0
+    # A farther key is not a tie; repeating one id counts it once.
+    wrong = exact.copy()
+    wrong[:, -1] = 19  # base[19] is far from queries 0..4
+    far = measure_recall(_FixedSearcher(wrong), keys, queries, k=K)
+    assert 1 - 5 / (5 * K) - 1e-9 <= far < 1.0
+    repeated = np.repeat(exact[:, :1], K, axis=1)
+    assert measure_recall(_FixedSearcher(repeated), keys, queries, k=K) == pytest.approx(1 / K)
+
+
+def test_recall_of_a_database_smaller_than_k():
+    keys = np.random.default_rng(5).standard_normal((4, 8)).astype(np.float32)
+    shard = build_shard(keys, brute_params())
+    assert measure_recall(shard, keys, keys + 0.1, k=10) == 1.0

@@ -16,6 +16,7 @@ from _input_pipeline_fixtures import (
 )
 from jax.sharding import Mesh, PartitionSpec
 
+from data_pipeline.database import DatabaseWriter
 from data_pipeline.errors import DataError
 from data_pipeline.input_pipeline import (
     device_batches,
@@ -24,7 +25,7 @@ from data_pipeline.input_pipeline import (
     precompute_neighbours,
     retrieve_neighbours,
 )
-from data_pipeline.tokenizer import EOS_ID
+from data_pipeline.text.tokenizer import EOS_ID
 
 M = CHUNK_LEN
 SEQ = 4 * M  # L = 4 chunks
@@ -111,10 +112,11 @@ def test_neighbours_match_brute_force_and_skip_own_document(db):
     assert b"Scann" in graph and b"PyFunc" not in graph  # ScaNN's TF op, no Python in the map
     own_doc_in_candidates = 0
     for b in take(ds, 3):
+        L = b["chunk_ids"].shape[1]
+        sequence_docs = np.repeat(b["doc_ids"], L, axis=0)  # [B * L, L]
         chunk_ids, ids = b["chunk_ids"].reshape(-1), b["neighbour_ids"].reshape(-1, K)
-        for c, row in zip(chunk_ids, ids):
-            ref = reference_neighbours(train_keys, train_docs, train_keys[c], train_docs[c],
-                                       K, 3)
+        for c, docs, row in zip(chunk_ids, sequence_docs, ids):
+            ref = reference_neighbours(train_keys, train_docs, train_keys[c], docs, K, 3)
             np.testing.assert_array_equal(row, ref)
             assert not (train_docs[row[row >= 0]] == train_docs[c]).any()
             nearest = np.argsort(((train_keys - train_keys[c]) ** 2).sum(1))[:K]
@@ -122,6 +124,43 @@ def test_neighbours_match_brute_force_and_skip_own_document(db):
         np.testing.assert_array_equal(b["neighbours"],
                                       db.neighbour_tokens(b["neighbour_ids"]))
     assert own_doc_in_candidates > 0  # the filter had something to drop
+
+
+def test_packed_sequences_get_no_neighbours_from_their_own_documents(workspace):
+    """Paper: neighbours from the training sequence's own documents are dropped. A packed
+    sequence holds several documents; a chunk's neighbour from another of them (here a later
+    chunk of the very sequence) would show the model the tokens it is trained to predict."""
+    root, tok, _ = workspace
+    # 8 documents of 2 chunks; a packed sequence of 4 chunks holds documents 2i and 2i+1,
+    # whose keys are near-copies of each other and far from every other pair.
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, 300, size=(16, M)).astype(np.int32)
+    doc_ids = np.repeat(np.arange(8), 2).astype(np.int64)
+    pair_keys = rng.normal(scale=10.0, size=(4, 2, 16))
+    keys = np.concatenate([pair_keys[i // 2] + 0.01 * rng.normal(size=(2, 16))
+                           for i in range(8)]).astype(np.float32)
+    writer = DatabaseWriter(root / "pairs", chunk_len=M, tokenizer_path=tok,
+                            embedder_name="synthetic", embed_dim=16)
+    writer.write_split("train", tokens, doc_ids, keys)
+    writer.write_documents({"doc_id": d, "id": str(d), "title": str(d), "source": "s",
+                            "split": "train", "first_chunk": 2 * d, "num_chunks": 2,
+                            "num_tokens": 2 * M, "num_bytes": 2 * M, "num_words": 2 * M}
+                           for d in range(8))
+    writer.build_index(16, {"brute_force_below": 1000})
+    pairs = writer.finish()
+    # Alone, chunk 0's nearest chunk outside its document is chunk 2: the same sequence.
+    assert retrieve_neighbours(pairs, keys[:1], doc_ids[:1], 1)[0, 0] == 2
+    batches = list(make_dataset(pairs, "train", seq_len=SEQ, batch_size=4, num_neighbours=K,
+                                packing="packed", shuffle=False,
+                                repeat=False).as_numpy_iterator())
+    for b in batches:
+        for row in range(4):
+            ids = b["neighbour_ids"][row]
+            assert set(b["doc_ids"][row].tolist()) == {2 * b["chunk_ids"][row][0] // 4,
+                                                       2 * b["chunk_ids"][row][0] // 4 + 1}
+            assert (ids >= 0).all()
+            assert not np.isin(doc_ids[ids], b["doc_ids"][row]).any()
+            assert not np.isin(ids, b["chunk_ids"][row]).any()
 
 
 def test_host_shards_are_disjoint_and_cover_the_epoch(db):
@@ -172,7 +211,7 @@ def test_precomputed_equals_inline(db, tmp_path):
     inline = take(make_dataset(db, "train", **kwargs), 4)
     pre = take(make_dataset(db, "train", precomputed_dir=out, **kwargs), 4)
     assert_batches_equal(inline, pre)
-    with pytest.raises(DataError, match="num_neighbours"):
+    with pytest.raises(DataError, match="num_candidates"):
         make_dataset(db, "train", precomputed_dir=out, **dict(kwargs, num_neighbours=1))
 
 
@@ -220,19 +259,19 @@ def test_split_db_reads_another_database_split(workspace, db):
                           num_neighbours=K, shuffle=False), 1)[0]
     tokens, _, keys = other.split("validation")
     np.testing.assert_array_equal(b["inputs"][0][:M], tokens[0])
-    train_keys, train_docs = db.split("train").keys, db.split("train").doc_ids
+    train_keys, train_docs = db.split("train").queries, db.split("train").doc_ids
     ref = reference_neighbours(train_keys, train_docs, keys[0], -5, K, 4)
     np.testing.assert_array_equal(b["neighbour_ids"][0, 0], ref)
 
 
 def test_retrieve_neighbours_and_exclusion(db):
-    train_keys, train_docs = db.split("train").keys, db.split("train").doc_ids
+    train_keys, train_docs = db.split("train").queries, db.split("train").doc_ids
     val = db.split("validation")
     excluded = sorted(set(train_docs.tolist()))[:-5]  # all but 5 train documents
-    ids = retrieve_neighbours(db, val.keys, val.doc_ids, 3, 4, exclude_doc_ids=excluded)
-    assert ids.shape == (len(val.keys), 3) and ids.dtype == np.int64
-    for q in range(len(val.keys)):
-        ref = reference_neighbours(train_keys, train_docs, val.keys[q], val.doc_ids[q], 3, 4,
+    ids = retrieve_neighbours(db, val.queries, val.doc_ids, 3, 4, exclude_doc_ids=excluded)
+    assert ids.shape == (len(val.queries), 3) and ids.dtype == np.int64
+    for q in range(len(val.queries)):
+        ref = reference_neighbours(train_keys, train_docs, val.queries[q], val.doc_ids[q], 3, 4,
                                    excluded=excluded)
         np.testing.assert_array_equal(ids[q], ref)
     assert not np.isin(train_docs[ids[ids >= 0]], excluded).any()

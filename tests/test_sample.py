@@ -193,7 +193,10 @@ def test_database_retrieval_and_attribution(run_dir):
 
     _, db, _, model = run_dir
     m = db.chunk_len
-    retriever = DatabaseRetriever(db, HashEmbedder(), num_neighbours=2)
+    from data_pipeline.retrieval import BertRetriever
+
+    search = BertRetriever(HashEmbedder()).text_search(db)
+    retriever = DatabaseRetriever(db, search, num_neighbours=2)
     prompt_tokens = [int(t) for t in db.split("train").tokens[:2].reshape(-1)]  # 2 chunks
     # The CLI test's settings: the compiled steps are shared.
     result = generate(model, prompt_tokens, max_tokens=2 * m, max_len=4 * m,

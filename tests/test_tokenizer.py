@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import (
+from data_pipeline.text.tokenizer import (
     BOS_ID,
     EOS_ID,
     PAD_ID,

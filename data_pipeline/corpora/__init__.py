@@ -1,6 +1,6 @@
 """Corpus readers: documents {id, title, text, source}, streamed one split at a time.
 
-    corpus = open_corpus(config.corpus)          # DataError now if the path/layout is wrong
+    corpus = open_corpus(**config.corpus)        # DataError now if the path/layout is wrong
     for doc in corpus.documents("train"):        # lazy, deterministic order
         ...
     print(corpus.stats.summary())                # what was skipped, why, where
@@ -14,9 +14,8 @@ from data_pipeline.corpora.base import SPLITS, Corpus, Document
 from data_pipeline.corpora.factory import corpus_statistics, format_statistics, open_corpus
 from data_pipeline.corpora.split import hash_split
 from data_pipeline.corpora.stats import ReadStats
-from data_pipeline.corpora.wikitext import wikitext_word_count
 
 __all__ = [
     "SPLITS", "Corpus", "Document", "ReadStats", "corpus_statistics", "format_statistics",
-    "hash_split", "open_corpus", "wikitext_word_count",
+    "hash_split", "open_corpus",
 ]

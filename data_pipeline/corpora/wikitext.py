@@ -29,25 +29,6 @@ SOURCE = "wikitext103"
 _ARTICLE_HEADING = re.compile(r"^ = (?!= )(.+?) = $")
 
 
-def wikitext_word_count(text: str) -> int:
-    """Words of `text` under the WikiText-103 word-level perplexity convention.
-
-    count = len(text.split()) + number of lines
-
-    `text.split()` splits on runs of Unicode whitespace. The number of lines counts every
-    "\\n"-terminated line, empty lines included, plus one for a last line without "\\n"
-    (an empty string has none). The extra word per line is the end-of-line token `<eos>`
-    that language models on WikiText-103 predict at every line end, as in the preprocessing
-    of Transformer-XL (`line.strip().split() + ['<eos>']` for every line) and fairseq, whose
-    per-word perplexities the RETRO paper compares against: on wiki.test.tokens (4,358
-    lines) this gives the 245,569 words of Merity et al. Apply it to the `.tokens`
-    variant for the standard figures: the `.raw` files are not tokenised ("don't" vs
-    "do n't", punctuation attached), so the same text counts fewer words there.
-    """
-    lines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
-    return len(text.split()) + lines
-
-
 def article_title(line: str) -> str | None:
     """The title if `line` (without its newline) is a level-1 article heading, else None."""
     match = _ARTICLE_HEADING.match(line)

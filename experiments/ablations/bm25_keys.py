@@ -6,7 +6,7 @@
 
 The database gets no BERT keys and no ScaNN index: build-db indexes the train chunks' text
 with bm25s and stores, for every chunk of every split, its index.num_neighbours (10) best
-train chunks outside its own document (data_pipeline/build_bm25.py); the input pipeline
+train chunks outside its own document (data_pipeline/retrieval/bm25.py); the input pipeline
 gathers those rows in-graph and applies the usual filters, and `retro-jax sample` queries the
 saved BM25 index with each generated chunk's text. The database is its own (a sweep does not
 share it with BERT-keyed experiments: database.retriever is part of the database sections).

@@ -236,7 +236,7 @@ def evaluate(
 
 def _num_batches(doc_ids, chunks_per_window, m, stride, doc_filter, batch_size) -> int | None:
     try:
-        from data_pipeline.pipeline.sequences import eval_windows
+        from data_pipeline.input_pipeline import eval_windows
     except ImportError:
         return None
     count = len(eval_windows(np.asarray(doc_ids), chunks_per_window, m, stride, doc_filter))

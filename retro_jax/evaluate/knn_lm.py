@@ -102,27 +102,23 @@ def build_datastore(
 class DatastoreSearcher:
     """k nearest datastore keys (squared L2) of query vectors.
 
-    Uses `data_pipeline.index.build_shard` (ScaNN, parameters from `index_cfg` = config.index
-    with `k` as the neighbour count) when `use_scann`, else an exact blocked numpy search
-    (`||q||^2 - 2 q.k + ||k||^2`, top-k by argpartition).
+    Uses `data_pipeline.retrieval.scann.build_shard` (ScaNN, parameters from
+    `index_settings` = config.index with `k` as the neighbour count) when `use_scann`, else an
+    exact blocked numpy search (`||q||^2 - 2 q.k + ||k||^2`, top-k by argpartition).
     """
 
-    def __init__(self, datastore: Datastore, *, index_cfg=None, k: int = 10,
+    def __init__(self, datastore: Datastore, *, index_settings=None, k: int = 10,
                  use_scann: bool = True):
         self.datastore = datastore
         self._shard = None
         if use_scann:
-            try:
-                from data_pipeline.index import IndexParams, build_shard
-                from data_pipeline.index.params import CONFIG_KEYS
-            except ImportError:  # the index module has not landed: exact search
-                build_shard = None
-            if build_shard is not None:
-                knobs = {} if index_cfg is None else {key: index_cfg[key] for key in CONFIG_KEYS}
-                # The re-ordering depth scales with k (kNN-LM asks for ~1024 neighbours).
-                knobs["num_neighbours"] = int(k)
-                self._shard = build_shard(datastore.keys,
-                                          IndexParams.for_size(len(datastore), **knobs))
+            from data_pipeline.retrieval.scann import IndexParams, build_shard
+
+            knobs = dict(index_settings or {})
+            # The re-ordering depth scales with k (kNN-LM asks for ~1024 neighbours).
+            knobs["num_neighbours"] = int(k)
+            self._shard = build_shard(datastore.keys,
+                                      IndexParams.for_size(len(datastore), **knobs))
         self._key_norms = None if self._shard is not None else np.einsum(
             "nd,nd->n", datastore.keys, datastore.keys)
 

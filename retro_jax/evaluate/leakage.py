@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from data_pipeline.text.counting import byte_count
 from retro_jax.evaluate.metrics import LN2
 
 
@@ -88,7 +89,7 @@ def chunk_num_bytes(chunks: np.ndarray, decode: Callable[[list[int]], str]) -> n
     out = np.zeros(len(chunks), dtype=np.int64)
     for i, row in enumerate(chunks):
         ids = [int(t) for t in row if t != 0]
-        out[i] = len(decode(ids).encode("utf-8")) if ids else 0
+        out[i] = byte_count(decode(ids)) if ids else 0
     return out
 
 

@@ -14,10 +14,8 @@ scored may enter such a ratio (a document cut by `eval.max_documents` or by the 
 evaluated windows would count bytes whose NLL was never summed), which is what
 `DocumentScores.summary` enforces through its `complete` argument.
 
-Word convention (Wikitext103): the number of whitespace-separated words on each line plus
-one end-of-line token per line, blank lines included (the count of `line.split() +
-['<eos>']` over the file's lines) that Merity et al.'s corpus statistics (245,569 test
-words) and the standard word-level evaluations use. `count_words` implements it.
+Words and bytes are counted by one rule, `data_pipeline.text.counting` (Wikitext103's
+convention for words: whitespace-separated words plus one end-of-line token per line).
 """
 
 from __future__ import annotations
@@ -29,21 +27,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 LN2 = math.log(2.0)
-
-
-def count_words(text: str) -> int:
-    """Words of `text` in the Wikitext103 convention: whitespace-separated words plus one
-    end-of-line token per line ("\n"-terminated, or a last line without "\n"); the rule the
-    database build applies to fill the documents table's `num_words`
-    (data_pipeline.chunks.word_count).
-    """
-    lines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
-    return len(text.split()) + lines
-
-
-def count_bytes(text: str) -> int:
-    """UTF-8 bytes of `text` (the bits-per-byte denominator)."""
-    return len(text.encode("utf-8"))
 
 
 def perplexity(total_nll: float, num_tokens: int) -> float:

@@ -122,7 +122,8 @@ def evaluate_run(
         scorer = make_scorer(model, mesh=mesh, rules=rules, with_hidden=True)
         store = knn_datastore(config, workdir, db, scorer, step=step,
                               max_entries=knn_max_entries, progress=progress)
-        searcher = DatastoreSearcher(store, index_cfg=config.index, k=config.eval.knn_lm_k)
+        searcher = DatastoreSearcher(store, index_settings=config.index.to_dict(),
+                                     k=config.eval.knn_lm_k)
         knn = KnnLM(searcher, k=config.eval.knn_lm_k, temperature=config.eval.knn_lm_temperature,
                     lam=config.eval.knn_lm_lambda)
         knn_info = {"entries": len(store), "k": int(config.eval.knn_lm_k),

@@ -55,53 +55,33 @@ def single_device_mesh(mesh_cfg):
     return make_mesh(cfg, devices=jax.devices()[:1])
 
 
-def make_embedder(config):
-    """The frozen BERT that keys generated chunks (batch of one, on one device); None for
-    database.retriever "bm25" (chunks are queried by text in the database's BM25 index, and
-    the BERT is never loaded)."""
-    if config.database.retriever == "bm25":
-        return None
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
-
-    from data_pipeline.embed import ChunkEmbedder, default_embedder_path
-
-    path = Path(config.embedder.path) if config.embedder.path else default_embedder_path()
-    return ChunkEmbedder(path, batch_size=1, max_wordpieces=int(config.embedder.max_wordpieces),
-                         dtype=str(config.embedder.dtype), name=str(config.embedder.name),
-                         mesh=Mesh(np.array(jax.local_devices()[:1]), ("data",)))
-
-
 def sample_run(config, workdir: Path, prompt: str, *, max_tokens: int, temperature: float,
                top_k: int, top_p: float, seed: int, use_cache: bool = True,
                embedder: Any = None) -> dict:
     """Generate from the latest checkpoint of `workdir`; the result as a JSON-able dict.
 
-    `embedder` keys generated chunks (default: the config's frozen BERT); it must be the
-    embedder the database's keys were made with. A "bm25" database (database.retriever)
-    needs none: chunks are queried by text in its BM25 index.
+    Chunks are searched with the config's retriever (`database.retriever`); `embedder` (an
+    object with name, dim, embed) replaces the configured frozen BERT, and must make the
+    database's kind of keys. The database is checked against the retriever's settings.
     """
     from retro_jax.sample.generate import DatabaseRetriever, attribution, generate
-    from retro_jax.train.data import open_run_database
+    from retro_jax.train.data import open_run_database, retriever_from_config
     from retro_jax.train.restore import load_trained_model
 
-    bm25 = config.database.retriever == "bm25"
-    name = None if bm25 else (embedder.name if embedder is not None else config.embedder.name)
-    db = open_run_database(config, workdir, name)  # checks the retriever too
+    retriever = retriever_from_config(config, embedder=embedder)
+    db = open_run_database(config, workdir, retriever=retriever)
     model = load_trained_model(workdir, config, mesh=single_device_mesh(config.mesh))
     k = int(config.sample.num_neighbours)
-    retriever = None
+    neighbours = None
     if model.cfg.retrieval and k > 0:
-        # make_embedder gives None for a "bm25" database, which needs no BERT.
-        retriever = DatabaseRetriever(db, embedder or make_embedder(config), num_neighbours=k)
+        neighbours = DatabaseRetriever(db, retriever.text_search(db), num_neighbours=k)
     tokenizer = db.tokenizer
     prompt_tokens = tokenizer.encode(prompt)
     result = generate(model, prompt_tokens, max_tokens=max_tokens,
-                      max_len=int(config.data.seq_len), retriever=retriever, num_neighbours=k,
+                      max_len=int(config.data.seq_len), retriever=neighbours, num_neighbours=k,
                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                       use_cache=use_cache)
-    records = attribution(result, db) if retriever is not None else []
+    records = attribution(result, db) if neighbours is not None else []
     return {
         "prompt": prompt,
         "completion": tokenizer.decode([int(t) for t in result.generated]),
@@ -110,7 +90,7 @@ def sample_run(config, workdir: Path, prompt: str, *, max_tokens: int, temperatu
         "generated_tokens": int(len(result.generated)),
         "stop_reason": result.stop_reason,
         "settings": {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
-                     "num_neighbours": k if retriever is not None else 0,
+                     "num_neighbours": k if neighbours is not None else 0,
                      "max_len": int(config.data.seq_len), "cache": use_cache},
         "timings": {key: round(float(v), 4) for key, v in result.timings.items()},
         "attribution": records,

@@ -1,16 +1,15 @@
 """The generation loop: prefill the prompt, sample token by token, re-retrieve every chunk.
 
-    retriever = DatabaseRetriever(db, embedder, num_neighbours=2)
+    retriever = DatabaseRetriever(db, text_search, num_neighbours=2)
     result = generate(model, prompt_tokens, max_tokens=128, max_len=config.data.seq_len,
                       retriever=retriever, temperature=0.0)
     records = attribution(result, db)
 
-When a chunk of m tokens is complete (prompt or generated), its text is decoded, keyed with
-the frozen BERT (the one place the embedder runs online) and searched in the database's
-ScaNN index, or, for a "bm25" database, scored against the train chunks by its saved BM25
-index (no BERT); its k neighbours [chunk ; continuation] are fed with the chunk's last token,
-whose step encodes them (conditioned on H_u) for the m tokens that attend to them (see
-decode.py).
+When a chunk of m tokens is complete (prompt or generated), its text is decoded and searched
+with the database's retriever (`Retriever.text_search`: keyed with the frozen BERT and
+searched in the ScaNN index, or scored by the saved BM25 index); its k neighbours
+[chunk ; continuation] are fed with the chunk's last token, whose step encodes them
+(conditioned on H_u) for the m tokens that attend to them (see decode.py).
 
 Context length: positions are absolute rotary positions 0..max_len-1 and the cache holds
 max_len tokens (default: the trained `data.seq_len`). A prompt longer than max_len - 1 keeps
@@ -28,7 +27,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from data_pipeline.pipeline.checks import retriever_kind
 from retro_jax.models.retro import Retro
 from retro_jax.sample.decode import CachedDecoder, UncachedDecoder
 
@@ -49,27 +47,19 @@ class Retriever(Protocol):
 class DatabaseRetriever:
     """Query `db` with a chunk's text, gather [chunk ; continuation] of its k neighbours.
 
-    A "bert" database: the text is keyed with `embedder` and searched in the ScaNN index.
-    A "bm25" database: the text is scored by the database's BM25 index (`db.bm25_index()`,
-    the index its candidate tables were computed with); `embedder` is unused (pass None).
-
     Args:
-      db: a RetrievalDatabase (tokenizer, retriever, searcher() / bm25_index(),
-        neighbour_tokens()).
-      embedder: anything with `.embed(texts) -> float32 [N, dim]` (ChunkEmbedder in use; a
-        deterministic stand-in in tests). Its keys must be the database's kind of keys.
-        None for a "bm25" database.
+      db: a RetrievalDatabase (tokenizer, train split, neighbour_tokens()).
+      text_search: `(texts, k) -> candidate chunk ids int64 [Q, k]` of the database's
+        retriever (`Retriever.text_search(db)`: frozen-BERT keys + ScaNN, or BM25; a
+        deterministic stand-in in tests).
       num_neighbours: k.
       exclude_doc_ids: documents whose chunks are never returned (e.g. the prompt's source).
     """
 
-    def __init__(self, db: Any, embedder: Any, num_neighbours: int, *,
+    def __init__(self, db: Any, text_search: Any, num_neighbours: int, *,
                  exclude_doc_ids: Sequence[int] = (), overfetch: int = 4):
         self.db = db
-        self.bm25 = retriever_kind(db) == "bm25"
-        if embedder is None and not self.bm25:
-            raise ValueError(f"{db}: a 'bert' database needs an embedder to key chunks")
-        self.embedder = embedder
+        self.text_search = text_search
         self.num_neighbours = int(num_neighbours)
         self.exclude_doc_ids = frozenset(int(d) for d in exclude_doc_ids)
         self.overfetch = overfetch if self.exclude_doc_ids else 1
@@ -80,11 +70,7 @@ class DatabaseRetriever:
         start = time.perf_counter()
         text = self.db.tokenizer.decode([int(t) for t in chunk_tokens])
         k = self.num_neighbours
-        if self.bm25:  # score order, ties by chunk id, -1 where fewer chunks share a word
-            ids = self.db.bm25_index().top_k([text], k * self.overfetch)[0]
-        else:
-            key = np.asarray(self.embedder.embed([text]), np.float32)  # [1, dim]
-            ids = np.asarray(self.db.searcher().search(key, k * self.overfetch)[0][0], np.int64)
+        ids = np.asarray(self.text_search([text], k * self.overfetch)[0], np.int64)
         if self.exclude_doc_ids:
             doc_ids = self.db.split("train").doc_ids
             ids = np.asarray([i for i in ids if i >= 0 and int(doc_ids[i])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,22 +21,41 @@ log = logging.getLogger(__name__)
 BatchFactory = Callable[[int], Iterator[dict]]
 
 
-def open_run_database(config, workdir: Path, embedder_name: str | None = None):
-    """The run's retrieval database (`database.path`, else `<workdir>/db`), checked against
-    the config's chunk length and retriever (and embedder, when given); a DataError says to
-    build it first.
-    Training, evaluation and sampling all open it here."""
+def run_database_path(config, workdir: str | Path) -> Path:
+    """`database.path`, else `<workdir>/db`."""
+    return Path(config.database.path) if config.database.path else Path(workdir) / "db"
+
+
+def retriever_from_config(config, *, embedder: Any = None, block_rows: int | None = None):
+    """The `database.retriever` of `config` with its settings (embedder and index sections);
+    `embedder` (an object with name, dim, embed) replaces the configured frozen BERT;
+    `block_rows`: chunks per resumable block of the retriever's per-chunk arrays."""
+    from data_pipeline.retrieval import EmbedderSettings, make_retriever
+
+    e = config.embedder
+    settings = EmbedderSettings(name=str(e.name), path=str(e.path), batch_size=int(e.batch_size),
+                                max_wordpieces=int(e.max_wordpieces), dtype=str(e.dtype))
+    return make_retriever(str(config.database.retriever),
+                          embedder=embedder if embedder is not None else settings,
+                          index=config.index.to_dict(),
+                          shard_chunks=int(config.database.shard_chunks), block_rows=block_rows)
+
+
+def open_run_database(config, workdir: str | Path, *, retriever: Any = None):
+    """The run's retrieval database, checked against the config's chunk length and retriever
+    kind (and `retriever`'s settings, e.g. its embedder, when a Retriever is given); a
+    DataError says to build it first. Training, evaluation and sampling all open it here."""
     from data_pipeline.database import RetrievalDatabase
     from data_pipeline.errors import DataError
 
-    path = Path(config.database.path) if config.database.path else Path(workdir) / "db"
+    path = run_database_path(config, workdir)
     if not (path / "manifest.json").is_file():
         raise DataError(f"no retrieval database at {path} (manifest.json missing): run "
                         f"`retro-jax build-db --config ... --workdir {workdir}` first, or set "
                         "database.path")
     return RetrievalDatabase.open(path, expect_chunk_len=config.database.chunk_len,
-                                  expect_embedder=embedder_name,
-                                  expect_retriever=str(config.database.retriever))
+                                  retriever=retriever if retriever is not None
+                                  else str(config.database.retriever))
 
 
 def pipeline_batches(config, db, mesh, rules, split: str = "train", *, shuffle: bool = True,

@@ -1,7 +1,7 @@
-"""BM25 over chunk text (bm25s): the classical retriever in place of frozen-BERT keys + ScaNN.
+"""The BM25 index of the "bm25" retriever (data_pipeline/retrieval/bm25.py), over bm25s.
 
     index = Bm25Index.build(texts_of_train_chunks)      # one BM25 "document" per chunk
-    index.save(db / BM25_DIR); index = Bm25Index.load(db / BM25_DIR)
+    index.save(db / "bm25"); index = Bm25Index.load(db / "bm25")
     ids = index.top_k(query_texts, k)                   # int64 [Q, k], -1 where fewer
 
 Words. A chunk's text is its detokenized tokens (the text BERT keys would be made from);
@@ -15,7 +15,7 @@ at a time (numpy; not bm25s's retrieve, which picks a JAX top-k when JAX is inst
 `top_k` orders candidates by score (descending), ties by chunk id (ascending), so the order
 is defined and byte-deterministic; a chunk that shares no word with the query (score 0) is
 not a candidate (-1), so a query with no known word gets no neighbours. The build leaves out
-the query chunk's own document (data_pipeline/build_bm25.py says why).
+the query chunk's own document (data_pipeline/retrieval/bm25.py says why).
 
 Files (`Bm25Index.save`): bm25s's own format, no pickle (verified: arrays through
 `np.save(allow_pickle=False)`, vocabulary and parameters as JSON):
@@ -36,8 +36,6 @@ import numpy as np
 
 from data_pipeline.errors import DataError
 
-BM25_DIR = "bm25"  # <db>/bm25/: the index over the train chunks (live queries when sampling)
-CANDIDATES_FILE = "bm25_candidates.npy"  # <db>/<split>/: int64 [num_chunks, K]
 TOKEN_PATTERN = r"(?u)\b\w\w+\b"
 # What decides the scores; recorded in the manifest and in the build fingerprints.
 PARAMS = {"k1": 1.5, "b": 0.75, "method": "lucene", "lower": True,

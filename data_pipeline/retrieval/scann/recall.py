@@ -4,6 +4,13 @@ Recall@k is measured against exact squared-L2 search on held-out queries. Querie
 database keys themselves make recall look better than it is (the key is its own nearest
 neighbour at distance 0), so the build passes keys the index has not seen: validation-split keys
 when the database has them, else `noisy_queries` (database keys + small Gaussian noise).
+
+Ties. Real corpora repeat chunks (licence headers, templates), and identical chunks have
+identical keys, so the exact top-k is not unique: any of the copies is a right answer. A
+returned neighbour therefore counts as correct when its exact distance to the query is within
+a small tolerance of the k-th exact distance (`tie_tolerance`), not only when it is the id
+exact search happened to pick. A database with fewer than k keys is measured on the keys it
+has.
 """
 
 from __future__ import annotations
@@ -11,12 +18,14 @@ from __future__ import annotations
 import numpy as np
 
 from data_pipeline.errors import DataError
-from data_pipeline.index.params import IndexParams
+from data_pipeline.retrieval.scann.params import IndexParams
 
 
 def exact_search(keys: np.ndarray, queries: np.ndarray, k: int, *,
-                 key_block: int = 65_536, query_block: int = 512) -> np.ndarray:
-    """Exact k nearest keys by squared L2: keys [n, d], queries [Q, d] -> ids int64 [Q, k].
+                 key_block: int = 65_536, query_block: int = 512,
+                 return_distances: bool = False):
+    """Exact k nearest keys by squared L2: keys [n, d], queries [Q, d] -> ids int64 [Q, k]
+    (and, with `return_distances`, their squared L2 distances float32 [Q, k], inf where -1).
 
     Blocked over queries and keys (keys may be a np.memmap), so memory stays at about
     query_block x key_block floats whatever n is. Nearest first; -1 where n < k.
@@ -25,6 +34,7 @@ def exact_search(keys: np.ndarray, queries: np.ndarray, k: int, *,
     num_keys = keys.shape[0]
     take = min(k, num_keys)
     out = np.full((len(queries), k), -1, np.int64)
+    out_d = np.full((len(queries), k), np.inf, np.float32)
     for q0 in range(0, len(queries), query_block):
         q = queries[q0:q0 + query_block]
         best_d = np.full((len(q), 0), np.inf, np.float32)
@@ -43,7 +53,34 @@ def exact_search(keys: np.ndarray, queries: np.ndarray, k: int, *,
                 best_i = np.take_along_axis(best_i, keep, 1)
         order = np.argsort(best_d, axis=1, kind="stable")
         out[q0:q0 + len(q), :take] = np.take_along_axis(best_i, order, 1)
+        out_d[q0:q0 + len(q), :take] = (np.take_along_axis(best_d, order, 1)
+                                        + (q * q).sum(1)[:, None])
+    return (out, out_d) if return_distances else out
+
+
+def key_distances(keys: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Squared L2 from each query [Q, d] to keys[ids] [Q, k] (-1 -> inf), float32, computed
+    as `exact_search` computes them (so two equal keys give bit-equal distances)."""
+    queries = np.asarray(queries, dtype=np.float32)
+    ids = np.asarray(ids)
+    valid = ids >= 0
+    flat = np.unique(ids[valid])
+    rows = np.asarray(keys[flat], dtype=np.float32)  # sorted reads on a memmap
+    where = np.searchsorted(flat, np.where(valid, ids, flat[0] if flat.size else 0))
+    out = np.full(ids.shape, np.inf, np.float32)
+    if flat.size:
+        x = rows[where]  # [Q, k, d]
+        d = (x * x).sum(-1) - 2.0 * np.einsum("qkd,qd->qk", x, queries) + (
+            queries * queries).sum(1)[:, None]
+        out = np.where(valid, d.astype(np.float32), np.float32(np.inf))
     return out
+
+
+def tie_tolerance(kth_distance: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """How far past the k-th exact distance a returned neighbour still counts as a tie:
+    1e-5 of the distances' scale (float32 rounding of |q|^2 - 2 q.x + |x|^2)."""
+    scale = np.abs(kth_distance) + (np.asarray(queries, np.float32) ** 2).sum(1)
+    return 1e-5 * scale + 1e-12
 
 
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
@@ -80,15 +117,31 @@ def noisy_queries(keys: np.ndarray, num: int, *, noise: float = 0.1, seed: int =
 
 
 def measure_recall(searcher, keys: np.ndarray, sample_queries: np.ndarray, k: int = 10) -> float:
-    """Recall@k of `searcher` (a ShardSearcher or ShardedSearcher) against exact search.
+    """Recall@k of `searcher` (a ShardSearcher or ShardedSearcher) against exact search, ties
+    counted as correct (see the module docstring).
 
     keys [n, d]: exactly the keys the searcher indexes, row i = chunk searcher.first_chunk + i.
     sample_queries [Q, d]: held-out queries (see module docstring).
+    Returns:
+      the share of the min(k, n) exact neighbours per query that the searcher returned, or
+      returned a neighbour as close as (a tie of) the k-th exact one in their place.
     """
-    approx_ids, _ = searcher.search(sample_queries, k)
-    exact_ids = exact_search(keys, sample_queries, k)
-    exact_ids = np.where(exact_ids >= 0, exact_ids + searcher.first_chunk, -1)
-    return recall_at_k(approx_ids, exact_ids)
+    queries = np.asarray(sample_queries, dtype=np.float32)
+    approx_ids, _ = searcher.search(queries, k)
+    exact_ids, exact_d = exact_search(keys, queries, k, return_distances=True)
+    wanted = (exact_ids >= 0).sum(1)  # min(k, n) per query
+    if int(wanted.sum()) == 0:
+        return 1.0
+    kth = exact_d[np.arange(len(queries)), np.maximum(wanted - 1, 0)]
+    local = np.where(approx_ids >= 0, approx_ids - searcher.first_chunk, -1)
+    approx_d = key_distances(keys, queries, local)
+    # Each returned id counts once (a searcher that repeats an id gains nothing).
+    first = np.ones(local.shape, bool)
+    for j in range(1, local.shape[1]):
+        first[:, j] = ~(local[:, :j] == local[:, j:j + 1]).any(1)
+    close = (local >= 0) & first & (approx_d <= (kth + tie_tolerance(kth, queries))[:, None])
+    correct = np.minimum(close.sum(1), wanted)
+    return float(correct.sum()) / float(wanted.sum())
 
 
 def check_recall(recall: float, params: IndexParams, *, where: str = "index") -> None:

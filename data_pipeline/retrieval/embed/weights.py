@@ -24,8 +24,8 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from data_pipeline.embed.bert import BertConfig, BertEncoder
 from data_pipeline.errors import DataError
+from data_pipeline.retrieval.embed.bert import BertConfig, BertEncoder
 
 # Names a BERT checkpoint may hold that the encoder has no use for.
 _UNUSED_NAMES = ("pooler.dense.weight", "pooler.dense.bias", "embeddings.position_ids")

@@ -1,16 +1,15 @@
 """Chunk arrays as TF variables, and the batched example builder (inputs / targets).
 
-Memory. The pipeline gathers tokens, doc ids and keys by chunk id inside the tf.data graph,
-so the arrays live in host memory as `tf.Variable`s (not graph constants: a constant is
-copied into the dataset's graph, which is serialised for tf.data's optimisations and hits the
-2 GiB protobuf limit). Cost per chunk at m=64, d=384: tokens 256 B, doc id 8 B, key 1536 B
-(keys are only loaded for the split whose sequences are read, and not at all with
-precomputed neighbours; a "bm25" database has none: its chunks' queries are rows of BM25
-candidate ids, 8 B x K per chunk, 80 B at K = 10). A CPU demo (thousands of chunks) or a
-1M-chunk shard (~1.8 GB) fits easily; the paper's 28B-chunk database does not fit one host:
-there each host serves neighbours for its shard only (precomputed neighbours, so no keys are
-loaded, and neighbour tokens from a memory-mapped or remote token store), which this module
-does not implement.
+Memory. The pipeline gathers tokens, doc ids and query rows by chunk id inside the tf.data
+graph, so the arrays live in host memory as `tf.Variable`s (not graph constants: a constant
+is copied into the dataset's graph, which is serialised for tf.data's optimisations and hits
+the 2 GiB protobuf limit). Cost per chunk at m=64, d=384: tokens 256 B, doc id 8 B, query row
+1536 B for a frozen-BERT key (80 B for a row of 10 BM25 candidate ids); query rows are only
+loaded for the split whose sequences are read, and not at all with precomputed neighbours.
+A CPU demo (thousands of chunks) or a 1M-chunk shard (~1.8 GB) fits easily; the paper's
+28B-chunk database does not fit one host: there each host serves neighbours for its shard
+only (precomputed neighbours, so no keys are loaded, and neighbour tokens from a
+memory-mapped or remote token store), which this module does not implement.
 """
 
 from __future__ import annotations
@@ -31,26 +30,19 @@ class ChunkTable:
     Attributes:
       tokens: tf.Variable int32 [N, m].
       doc_ids: tf.Variable int64 [N].
-      keys: tf.Variable float32 [N, d], or None when not needed.
-      candidates: tf.Variable int64 [N, K]: each chunk's top-K BM25 train chunk ids in score
-        order, -1 = none ("bm25" databases), or None.
+      queries: tf.Variable [N, ...]: each chunk's query row for the database's retriever
+        (frozen-BERT keys float32 [N, d], or BM25 candidate ids int64 [N, K]), or None when
+        not needed.
     """
 
-    def __init__(self, tokens: np.ndarray, doc_ids: np.ndarray, keys: np.ndarray | None = None,
-                 *, name: str = "split", candidates: np.ndarray | None = None):
+    def __init__(self, tokens: np.ndarray, doc_ids: np.ndarray,
+                 queries: np.ndarray | None = None, *, name: str = "split"):
         self.num_chunks = int(tokens.shape[0])
         self.chunk_len = int(tokens.shape[1])
         self.tokens = _variable(np.asarray(tokens, np.int32), f"{name}_tokens")
         self.doc_ids = _variable(np.asarray(doc_ids, np.int64), f"{name}_doc_ids")
-        self.keys = None if keys is None else _variable(np.asarray(keys, np.float32),
-                                                        f"{name}_keys")
-        self.candidates = (None if candidates is None else
-                           _variable(np.asarray(candidates, np.int64), f"{name}_candidates"))
-
-    @property
-    def has_queries(self) -> bool:
-        """Whether the chunks can query the database (keys or BM25 candidates loaded)."""
-        return self.keys is not None or self.candidates is not None
+        self.queries = None if queries is None else _variable(np.asarray(queries),
+                                                              f"{name}_queries")
 
     def gather_tokens(self, chunk_ids: tf.Tensor) -> tf.Tensor:
         """chunk ids int64 [...] (-1 = none) -> int32 [..., m], zeros for -1."""
@@ -63,16 +55,10 @@ class ChunkTable:
         return tf.where(chunk_ids >= 0, tf.gather(self.doc_ids, tf.maximum(chunk_ids, 0)),
                         tf.constant(-1, tf.int64))
 
-    def gather_keys(self, chunk_ids: tf.Tensor) -> tf.Tensor:
-        """chunk ids int64 [...] -> float32 [..., d], zeros for -1."""
-        rows = tf.gather(self.keys, tf.maximum(chunk_ids, 0))
-        return rows * tf.cast(chunk_ids >= 0, tf.float32)[..., None]
-
-    def gather_candidates(self, chunk_ids: tf.Tensor, k: int) -> tf.Tensor:
-        """chunk ids int64 [Q] -> the first k BM25 candidates int64 [Q, k], -1 for -1."""
-        # Gather, then slice: slicing the variable first would copy the whole table.
-        rows = tf.gather(self.candidates, tf.maximum(chunk_ids, 0))[:, :k]
-        return tf.where(chunk_ids[:, None] >= 0, rows, tf.constant(-1, tf.int64))
+    def gather_queries(self, chunk_ids: tf.Tensor) -> tf.Tensor:
+        """chunk ids int64 [Q] -> their query rows [Q, ...] (row 0's for -1: callers mark
+        those queries invalid)."""
+        return tf.gather(self.queries, tf.maximum(chunk_ids, 0))
 
     def continuation_ids(self, chunk_ids: tf.Tensor) -> tf.Tensor:
         """chunk ids int64 [...] -> id of the next chunk of the same document, else -1."""

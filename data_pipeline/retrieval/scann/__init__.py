@@ -1,6 +1,6 @@
 """ScaNN index: one TF-op searcher per shard of chunk ids, fan-out and exact merge.
 
-    params = IndexParams.from_config(config.index, num_chunks=len(shard_keys))
+    params = IndexParams.for_size(len(shard_keys), **index_settings)  # config.index
     shard = build_shard(shard_keys, params, first_chunk=start)      # keys [n, d] float32
     check_recall(measure_recall(shard, shard_keys, held_out_queries), params)
     shard.save(db / "index" / "shard_00000")
@@ -10,16 +10,16 @@
 Distances are squared L2, smaller is closer; missing neighbours are id -1, distance +inf.
 """
 
-from data_pipeline.index.params import IndexParams
-from data_pipeline.index.recall import (
+from data_pipeline.retrieval.scann.params import IndexParams
+from data_pipeline.retrieval.scann.recall import (
     check_recall,
     exact_search,
     measure_recall,
     noisy_queries,
     recall_at_k,
 )
-from data_pipeline.index.shard import ShardSearcher, build_shard, pad_topk
-from data_pipeline.index.sharded import ShardedSearcher, merge_topk
+from data_pipeline.retrieval.scann.shard import ShardSearcher, build_shard, pad_topk
+from data_pipeline.retrieval.scann.sharded import ShardedSearcher, merge_topk
 
 __all__ = [
     "IndexParams",

@@ -1,9 +1,9 @@
-"""Writes a retrieval database directory (see data_pipeline/database.py for the layout).
+"""Writes a retrieval database directory (layout: data_pipeline/database/layout.py).
 
 `DatabaseWriter` writes into `<db>.partial/` and `publish` renames it into place after
-checking it with `RetrievalDatabase.open`. The build (data_pipeline/build.py) streams large
-arrays into the same layout and records them here; tests write small databases with
-`write_split`. Both are re-exported by data_pipeline.database.
+checking it with `RetrievalDatabase.open`. The build (data_pipeline/database/build.py)
+streams large arrays into the same layout and records them here; small databases (tests,
+benchmarks, data_pipeline/database/synthetic.py) are written with `write_split`.
 """
 
 from __future__ import annotations
@@ -16,20 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.database import (
+from data_pipeline.database.layout import (
     DOCUMENTS_FILE,
     FORMAT_VERSION,
     MANIFEST,
-    RETRIEVERS,
     TOKENIZER_FILE,
-    DocumentTable,
-    RetrievalDatabase,
     partial_path,
-    shard_dir_name,
-    write_json_atomic,
 )
+from data_pipeline.database.reader import DocumentTable, RetrievalDatabase
 from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import load_tokenizer
+from data_pipeline.fileio import write_json_atomic
+from data_pipeline.retrieval import RetrieverFiles, retriever_class
+from data_pipeline.retrieval.bert import KEYS_FILE, shard_dir_name
+from data_pipeline.text.tokenizer import load_tokenizer
 
 
 class DatabaseWriter:
@@ -47,8 +46,8 @@ class DatabaseWriter:
       corpus: {"kind", "description"} for the manifest.
       resume: keep what an earlier `<path>.partial/` holds (the build resumes); otherwise
         start from an empty one.
-      retriever: "bert" (keys + ScaNN shards) or "bm25" (candidate tables + BM25 index; set
-        `bm25_info` before the manifest is written).
+      retriever: the retriever kind named in the manifest ("bert": keys + ScaNN shards;
+        other kinds: `apply(files)` with what their build wrote before the manifest).
     """
 
     def __init__(
@@ -63,12 +62,10 @@ class DatabaseWriter:
         resume: bool = False,
         retriever: str = "bert",
     ):
-        if retriever not in RETRIEVERS:
-            raise ValueError(f"DatabaseWriter: retriever={retriever!r}, expected one of "
-                             f"{RETRIEVERS}")
+        retriever_class(retriever, where="DatabaseWriter retriever")  # a known kind
         self.path = Path(path)
         self.retriever = retriever
-        self.bm25_info: dict | None = None  # {"num_candidates": K, ...} for retriever "bm25"
+        self.sections: dict = {}  # further manifest sections of the retriever (e.g. "bm25")
         self.partial = partial_path(self.path)
         if self.partial.exists() and not resume:
             shutil.rmtree(self.partial)
@@ -109,19 +106,30 @@ class DatabaseWriter:
             if keys.shape != (n, self.embedder["dim"]):
                 raise ValueError(f"write_split({split!r}): keys {keys.shape}, expected "
                                  f"[{n}, {self.embedder['dim']}]")
-            np.save(d / "keys.npy", keys)
+            np.save(d / KEYS_FILE, keys)
         self.record_split(split, num_chunks=n, has_keys=keys is not None)
 
-    def record_split(self, split: str, *, num_chunks: int, has_keys: bool,
+    def record_split(self, split: str, *, num_chunks: int, has_keys: bool = True,
                      num_documents: int | None = None, num_tokens: int | None = None,
-                     num_bytes: int | None = None, has_bm25_candidates: bool = False) -> None:
+                     num_bytes: int | None = None, **flags) -> None:
         """Enter a split whose arrays are already in `split_dir(split)`; counts not given are
-        computed in `finish()` from documents.jsonl."""
+        computed in `finish()` from documents.jsonl. `flags` (the retriever's
+        `RetrieverFiles.split_flags`) go into the split's manifest entry."""
         self._splits[split] = {"num_chunks": int(num_chunks), "has_keys": bool(has_keys),
                                "num_documents": num_documents, "num_tokens": num_tokens,
-                               "num_bytes": num_bytes}
-        if has_bm25_candidates:
-            self._splits[split]["has_bm25_candidates"] = True
+                               "num_bytes": num_bytes, **flags}
+
+    def apply(self, files: RetrieverFiles) -> None:
+        """Take a retriever build's manifest sections (embedder, shards, index, bm25, ...)."""
+        for key, value in files.manifest.items():
+            if key == "embedder":
+                self.embedder = dict(value)
+            elif key == "shards":
+                self._shards = list(value)
+            elif key == "index":
+                self.index_info = dict(value)
+            else:
+                self.sections[key] = value
 
     def write_documents(self, rows: Iterable[Mapping]) -> None:
         """Write documents.jsonl (rows as in DocumentTable)."""
@@ -146,24 +154,20 @@ class DatabaseWriter:
                              "dir": rel})
         return self.partial / rel
 
-    def build_index(self, shard_chunks: int, index_cfg=None) -> None:
+    def build_index(self, shard_chunks: int, index_settings: Mapping | None = None) -> None:
         """Build ScaNN shards over the train keys already written (small databases).
 
         Args:
           shard_chunks: train chunks per shard.
-          index_cfg: a config `index` section (default: the base config's).
+          index_settings: IndexParams fields (a config's `index` section); default: theirs.
         """
-        from data_pipeline.index import IndexParams, build_shard
+        from data_pipeline.retrieval.scann import IndexParams, build_shard
 
-        if index_cfg is None:
-            from retro_jax.configs.base import get_base_config
-
-            index_cfg = get_base_config().index
-        keys = np.load(self.partial / "train" / "keys.npy", mmap_mode="r")
+        keys = np.load(self.partial / "train" / KEYS_FILE, mmap_mode="r")
         n = keys.shape[0]
         for first in range(0, n, shard_chunks):
             count = min(shard_chunks, n - first)
-            shard_params = IndexParams.from_config(index_cfg, count)
+            shard_params = IndexParams.for_size(count, **dict(index_settings or {}))
             self.add_shard(first, count, build_shard(np.asarray(keys[first:first + count]),
                                                      shard_params, first_chunk=first))
 
@@ -200,11 +204,7 @@ class DatabaseWriter:
             "dedup": self.dedup_info,
             "complete": True,
         }
-        if self.retriever == "bm25":
-            if not self.bm25_info or "num_candidates" not in self.bm25_info:
-                raise ValueError("DatabaseWriter: retriever 'bm25' needs bm25_info "
-                                 "{'num_candidates': K, ...} before the manifest is written")
-            manifest["bm25"] = self.bm25_info
+        manifest.update(self.sections)
         return manifest
 
     def write_manifest(self) -> None:

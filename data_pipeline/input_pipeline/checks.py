@@ -91,44 +91,31 @@ def check_neighbours(*, db: Any, num_neighbours: int, num_db_chunks: int) -> Non
                         f"({_BUILD} --force)")
 
 
-def retriever_kind(db: Any) -> str:
-    """The database's retriever: "bert" (keys + ScaNN) or "bm25" (candidate tables)."""
-    return str(getattr(db, "retriever", None) or "bert")
-
-
 def check_split_db_retriever(db: Any, split_db: Any | None) -> None:
-    """A bm25 database cannot serve a split of another database: its neighbours are
-    candidate tables computed at build time for its own splits only."""
-    if split_db is None or split_db is db or retriever_kind(db) == "bert":
+    """A split of another database can query `db` only when its query rows mean the same in
+    both (frozen-BERT keys of one embedder do; BM25 candidate ids point into the database
+    they were computed for)."""
+    if split_db is None or split_db is db or db.retriever_class.portable_queries:
         return
-    raise DataError(f"{Path(db_path(db)) / 'manifest.json'}: a 'bm25' database retrieves "
-                    f"from per-split candidate tables computed at build time, so it cannot "
-                    f"serve sequences of another database ({db_path(split_db)}); build that "
-                    f"split into this database (database.eval_splits) with {_BUILD} --force, "
-                    "or use database.retriever='bert'")
+    raise DataError(f"{Path(db_path(db)) / 'manifest.json'}: a {db.retriever_kind!r} database's "
+                    f"query rows ({db.retriever_class.query_array}) were computed at build time "
+                    f"for its own splits, so it cannot serve sequences of another database "
+                    f"({db_path(split_db)}); build that split into this database "
+                    f"(database.eval_splits) with {_BUILD} --force")
 
 
 def split_arrays(db: Any, split: str, *, need_queries: bool):
-    """(tokens, doc_ids, keys, candidates) of a split; keys (retriever "bert") or BM25
-    candidates ("bm25") only when `need_queries`, else None; DataError when they are needed
-    and missing."""
+    """(tokens, doc_ids, queries) of a split; the query rows (the retriever's query array)
+    only when `need_queries`, else None; DataError when they are needed and missing."""
     try:
         arrays = db.split(split)
     except FileNotFoundError as e:
         raise DataError(f"{db_path(db)}/{split}: {e}; rebuild with {_BUILD} --force") from e
-    if retriever_kind(db) == "bm25":
-        candidates = db.candidates(split)
-        if need_queries and candidates is None:
-            raise DataError(f"{db_path(db)}/{split}/bm25_candidates.npy is missing: retrieval "
-                            f"for split {split!r} of a 'bm25' database reads its candidate "
-                            f"table; add {split!r} to database.eval_splits and rebuild with "
-                            f"{_BUILD} --force")
-        return arrays.tokens, arrays.doc_ids, None, candidates if need_queries else None
-    keys = getattr(arrays, "keys", None)
-    if need_queries and keys is None:
-        raise DataError(f"{db_path(db)}/{split}/keys.npy is missing: inline retrieval needs the "
-                        f"keys of split {split!r}; add {split!r} to database.eval_splits and "
-                        f"rebuild with {_BUILD} --force (or write the neighbours once with "
-                        f"data_pipeline.input_pipeline.precompute_neighbours and set "
-                        f"data.precomputed_neighbours=True)")
-    return arrays.tokens, arrays.doc_ids, keys if need_queries else None, None
+    if need_queries and arrays.queries is None:
+        name = db.retriever_class.query_array
+        raise DataError(f"{db_path(db)}/{split}/{name}.npy is missing: retrieval for split "
+                        f"{split!r} reads its chunks' query rows; add {split!r} to "
+                        f"database.eval_splits and rebuild with {_BUILD} --force (or write "
+                        "the neighbours once with data_pipeline.input_pipeline."
+                        "precompute_neighbours and set data.precomputed_neighbours=True)")
+    return arrays.tokens, arrays.doc_ids, arrays.queries if need_queries else None

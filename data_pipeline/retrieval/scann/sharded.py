@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import tensorflow as tf
 
-from data_pipeline.index.shard import pad_topk, search_numpy
+from data_pipeline.retrieval.scann.shard import pad_topk, search_numpy
 
 
 class Shard(Protocol):

@@ -1,9 +1,9 @@
-"""Search parameters of one index shard, resolved from `config.index` and the shard's size.
+"""Search parameters of one index shard, resolved from the index settings and the shard's size.
 
-The config leaves the partitioning and re-ranking sizes at -1 ("scale with the shard"):
-`IndexParams.from_config` turns them into numbers for a shard of `num_chunks` keys, so one
-config serves a 5k-chunk CPU demo and a 4M-chunk pod shard alike. Any value >= 1 in the config
-is taken as given.
+The settings (a config's `index` section) leave the partitioning and re-ranking sizes at -1
+("scale with the shard"): `IndexParams.for_size(num_chunks, **settings)` turns them into
+numbers for a shard of `num_chunks` keys, so one config serves a 5k-chunk CPU demo and a
+4M-chunk pod shard alike. Any value >= 1 is taken as given.
 """
 
 from __future__ import annotations
@@ -22,13 +22,6 @@ MIN_LEAVES_TO_SEARCH = 8
 # sqrt(num_leaves) (see scaled_num_leaves / scaled_leaves_to_search for the measurements).
 LEAVES_PER_ROOT = 1.0
 LEAVES_TO_SEARCH_PER_ROOT = 3.0
-
-CONFIG_KEYS = (
-    "num_neighbours", "brute_force_below", "num_leaves", "num_leaves_to_search",
-    "training_sample_size", "dims_per_block", "anisotropic_quantization_threshold",
-    "reorder_k", "recall_floor", "recall_sample",
-)
-
 
 def scaled_num_leaves(num_chunks: int) -> int:
     """About sqrt(n) partitions (ScaNN's rule of thumb), at least MIN_POINTS_PER_LEAF per leaf.
@@ -93,21 +86,10 @@ class IndexParams:
     num_leaves_to_search: int = -1
     training_sample_size: int = 250_000
     dims_per_block: int = 2
-    anisotropic_quantization_threshold: float = 0.2
+    anisotropic_quantization_threshold: float = 0.0
     reorder_k: int = -1
     recall_floor: float = 0.9
     recall_sample: int = 1000
-
-    @classmethod
-    def from_config(cls, index_cfg: Any, num_chunks: int) -> IndexParams:
-        """`index_cfg` is `config.index` (ConfigDict or mapping); `num_chunks` the shard size."""
-        get = index_cfg.get if hasattr(index_cfg, "get") else lambda k: getattr(index_cfg, k)
-        raw = {key: get(key) for key in CONFIG_KEYS}
-        missing = [key for key, value in raw.items() if value is None]
-        if missing:
-            raise KeyError(f"config.index lacks {', '.join(missing)} "
-                           "(see retro_jax/configs/base.py)")
-        return cls.for_size(num_chunks, **raw)
 
     @classmethod
     def for_size(cls, num_chunks: int, **overrides: Any) -> IndexParams:

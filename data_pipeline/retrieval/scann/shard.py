@@ -23,8 +23,8 @@ import tensorflow as tf
 from scann.scann_ops.py import scann_ops
 
 from data_pipeline.errors import DataError
-from data_pipeline.index.params import IndexParams, scann_quantization_threshold
-from data_pipeline.index.state import read_state, write_state
+from data_pipeline.retrieval.scann.params import IndexParams, scann_quantization_threshold
+from data_pipeline.retrieval.scann.state import read_state, write_state
 
 META_FILE = "shard.json"
 # 1: a TF SavedModel (bytes differed between identical builds); 2: state files (state.py).

@@ -2,15 +2,23 @@
 
     chunk arrays of a split ──► example table (packed | per document | eval windows)
       ──► positions (host stream, arithmetic: epoch, shuffle, host shard, resume)
-      ──► .batch(B) ──► parallel map: inputs / targets, then the B*L chunk keys go to ScaNN's
-          TF op in one call (a "bm25" database: their rows of the split's BM25 candidate
-          table are gathered), over-fetch k*overfetch, drop same-document / excluded
-          neighbours, keep the first k, gather [neighbour ; continuation] tokens
+      ──► .batch(B) ──► parallel map: inputs / targets, then the B*L chunks' query rows go
+          to the database's retriever in one call (frozen-BERT keys to ScaNN's TF op, or
+          rows of the BM25 candidate table), over-fetch k*overfetch, drop same-document /
+          excluded neighbours, keep the first k, gather [neighbour ; continuation] tokens
       ──► prefetch ──► device_batches(): global jax.Arrays sharded over ('data', 'fsdp')
 
 Every step is a TensorFlow op (no py_function), so the map runs in parallel without the GIL.
-The pieces live in `data_pipeline/pipeline/` (one concept per module); this module assembles
-them and is the public interface (docs/ARCHITECTURE.md, "data_pipeline/input_pipeline").
+Modules (one concept each); this package's `__init__` assembles them and is the public
+interface (docs/ARCHITECTURE.md, "data_pipeline/input_pipeline"):
+  sequences   which chunks make each example (packed / per document / eval windows) and the
+              arithmetic order of examples per host and epoch (shuffle, sharding, resume)
+  tables      the chunk arrays as tf.Variables, the per-batch example builder (inputs/targets)
+  neighbours  in-graph candidate search (the database's Retriever), the same-document /
+              excluded-document filter, and the [neighbour ; continuation] token gather
+  precompute  neighbours written once to sharded TFRecord files and read back
+  checks      database / split / argument checks that fail before the first batch
+  device      per-host numpy batches -> global sharded jax.Arrays, prefetched
 """
 
 from __future__ import annotations
@@ -25,31 +33,26 @@ import numpy as np
 import tensorflow as tf
 
 from data_pipeline.errors import DataError
-from data_pipeline.pipeline import checks
-from data_pipeline.pipeline.device import DEVICE_FIELDS, DeviceBatchIterator, device_batches
-from data_pipeline.pipeline.precompute import (
+from data_pipeline.input_pipeline import checks
+from data_pipeline.input_pipeline.device import DEVICE_FIELDS, DeviceBatchIterator, device_batches
+from data_pipeline.input_pipeline.neighbours import NeighbourRetriever, add_neighbours
+from data_pipeline.input_pipeline.precompute import (
     compute_blocks,
     database_fingerprint,
     read_precomputed,
     write_precomputed,
 )
-from data_pipeline.pipeline.retrieval import (
-    CandidateTable,
-    NeighbourRetriever,
-    TFSearcher,
-    add_neighbours,
-)
-from data_pipeline.pipeline.sequences import (
+from data_pipeline.input_pipeline.sequences import (
     ExampleTable,
     eval_windows,
     example_index_tf,
     examples_per_host,
     training_examples,
 )
-from data_pipeline.pipeline.tables import ChunkTable, build_examples
+from data_pipeline.input_pipeline.tables import ChunkTable, build_examples
 
 __all__ = [
-    "DEVICE_FIELDS", "DeviceBatchIterator", "device_batches", "make_dataset",
+    "DEVICE_FIELDS", "DeviceBatchIterator", "device_batches", "eval_windows", "make_dataset",
     "make_eval_windows", "precompute_neighbours", "retrieve_chunk_neighbours",
     "retrieve_neighbours",
 ]
@@ -63,32 +66,25 @@ _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _chunk_table(db: Any, split: str, *, with_queries: bool) -> ChunkTable:
-    """The split's arrays as tf.Variables, cached per database; with its queries (keys, or
-    BM25 candidate rows for a "bm25" database) when `with_queries`."""
+    """The split's arrays as tf.Variables, cached per database; with the chunks' query rows
+    (the retriever's `query_array`) when `with_queries`."""
     cache = _TABLES.setdefault(db, {})
     table = cache.get(split)
-    if table is None or (with_queries and not table.has_queries):
-        tokens, doc_ids, keys, candidates = checks.split_arrays(db, split,
-                                                                need_queries=with_queries)
-        table = ChunkTable(tokens, doc_ids, keys, name=split, candidates=candidates)
+    if table is None or (with_queries and table.queries is None):
+        tokens, doc_ids, queries = checks.split_arrays(db, split, need_queries=with_queries)
+        table = ChunkTable(tokens, doc_ids, queries, name=split)
         cache[split] = table
     return table
 
 
 def _retriever(db: Any, *, num_neighbours: int, overfetch: int, exclude_same_document: bool,
-               exclude_doc_ids: Collection[int] | None, searcher: TFSearcher | None,
-               need_searcher: bool) -> NeighbourRetriever:
+               exclude_doc_ids: Collection[int] | None, need_search: bool) -> NeighbourRetriever:
     database = _chunk_table(db, RETRIEVAL_SPLIT, with_queries=False)
     checks.check_neighbours(db=db, num_neighbours=num_neighbours,
                             num_db_chunks=database.num_chunks)
-    if checks.retriever_kind(db) == "bm25":
-        # The searcher of a bm25 database is its candidate tables (a `searcher` override
-        # would search keys it does not have).
-        searcher = CandidateTable(db.num_candidates)
-    elif need_searcher and searcher is None:
-        searcher = db.searcher()
-    return NeighbourRetriever(database, searcher, num_neighbours=num_neighbours,
-                              overfetch=overfetch, exclude_same_document=exclude_same_document,
+    return NeighbourRetriever(database, db.in_graph_search() if need_search else None,
+                              num_neighbours=num_neighbours, overfetch=overfetch,
+                              exclude_same_document=exclude_same_document,
                               exclude_doc_ids=exclude_doc_ids)
 
 
@@ -144,7 +140,7 @@ def make_dataset(db: Any, split: str, *, seq_len: int, batch_size: int, num_neig
                  exclude_doc_ids: Collection[int] | None = None,
                  precomputed_dir: str | os.PathLike | None = None, split_db: Any | None = None,
                  expect_chunk_len: int | None = None,
-                 expect_tokenizer_sha256: str | None = None, searcher: TFSearcher | None = None,
+                 expect_tokenizer_sha256: str | None = None,
                  drop_remainder: bool = True) -> tf.data.Dataset:
     """Training (or evaluation) batches of one host.
 
@@ -168,7 +164,6 @@ def make_dataset(db: Any, split: str, *, seq_len: int, batch_size: int, num_neig
       split_db: a separate database whose `split` is read (same chunk length and tokenizer);
         its doc ids mean nothing in `db`, so the same-document filter is off then.
       expect_chunk_len, expect_tokenizer_sha256: the caller's m and tokenizer, checked.
-      searcher: overrides `db.searcher()` (anything with `search_tf(queries, k)`).
       drop_remainder: static batch shapes (the last partial batch of a one-epoch run dropped).
     Returns:
       tf.data.Dataset of dicts (iterate with `.as_numpy_iterator()` or `device_batches`):
@@ -202,8 +197,7 @@ def make_dataset(db: Any, split: str, *, seq_len: int, batch_size: int, num_neig
         retriever = _retriever(db, num_neighbours=num_neighbours, overfetch=overfetch,
                                exclude_same_document=_same_document_filter(
                                    exclude_same_document, db, split_db),
-                               exclude_doc_ids=exclude_doc_ids, searcher=searcher,
-                               need_searcher=inline)
+                               exclude_doc_ids=exclude_doc_ids, need_search=inline)
         if precomputed_dir is not None:
             precomputed = _load_precomputed(precomputed_dir, db=db, split=split,
                                             split_table=split_table, retriever=retriever)
@@ -227,7 +221,7 @@ def make_eval_windows(db: Any, split: str, seq_len: int, stride: int,
                       num_neighbours: int = 0, overfetch: int = 4,
                       exclude_same_document: bool = True,
                       exclude_doc_ids: Collection[int] | None = None, split_db: Any | None = None,
-                      searcher: TFSearcher | None = None, process_index: int = 0,
+                      process_index: int = 0,
                       process_count: int = 1) -> tf.data.Dataset:
     """Evaluation windows: every token of every document scored exactly once.
 
@@ -269,8 +263,7 @@ def make_eval_windows(db: Any, split: str, seq_len: int, stride: int,
         retriever = _retriever(db, num_neighbours=num_neighbours, overfetch=overfetch,
                                exclude_same_document=_same_document_filter(
                                    exclude_same_document, db, split_db),
-                               exclude_doc_ids=exclude_doc_ids, searcher=searcher,
-                               need_searcher=True)
+                               exclude_doc_ids=exclude_doc_ids, need_search=True)
 
     def index_fn(position):
         window = position * process_count + process_index
@@ -282,37 +275,32 @@ def make_eval_windows(db: Any, split: str, seq_len: int, stride: int,
                      with_score_mask=True)
 
 
-def retrieve_neighbours(db: Any, keys: np.ndarray, query_doc_ids: np.ndarray, k: int,
+def retrieve_neighbours(db: Any, queries: np.ndarray, query_doc_ids: np.ndarray, k: int,
                         overfetch: int = 4, exclude_doc_ids: Collection[int] | None = None, *,
-                        exclude_same_document: bool = True, searcher: TFSearcher | None = None,
+                        exclude_same_document: bool = True,
                         batch_size: int = 4096) -> np.ndarray:
-    """Neighbour chunk ids of arbitrary queries, with the pipeline's filters.
+    """Neighbour chunk ids of arbitrary query rows, with the pipeline's filters.
 
     Args:
-      keys: float32 [Q, d] query keys; query_doc_ids: int64 [Q] their documents (-1 = none).
+      queries: [Q, ...] rows in the form of the database's query array (frozen-BERT keys
+        float32 [Q, d] for a "bert" database); query_doc_ids: int64 [Q] their documents
+        (-1 = none).
     Returns:
-      int64 [Q, k] train chunk ids in distance order, -1 where fewer than k survive.
-    Raises:
-      DataError: for a "bm25" database, which has no keys (use retrieve_chunk_neighbours,
-        or data_pipeline.bm25 for text queries).
+      int64 [Q, k] train chunk ids in best-first order, -1 where fewer than k survive.
     """
-    if checks.retriever_kind(db) != "bert":
-        raise DataError(f"{checks.db_path(db)}: a {checks.retriever_kind(db)!r} database is "
-                        "not searched by key; use retrieve_chunk_neighbours(db, split, "
-                        "chunk_ids, ...) for its chunks, or db.bm25_index() for text")
     retriever = _retriever(db, num_neighbours=k, overfetch=overfetch,
                            exclude_same_document=exclude_same_document,
-                           exclude_doc_ids=exclude_doc_ids, searcher=searcher,
-                           need_searcher=True)
+                           exclude_doc_ids=exclude_doc_ids, need_search=True)
+    queries = np.asarray(queries)
     search = tf.function(
-        lambda q, d: retriever.search(q, d, tf.ones(tf.shape(d), tf.bool)),
-        input_signature=[tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.int64)])
-    keys = np.asarray(keys, np.float32)
+        lambda q, d: retriever.search(q, d[:, None], tf.ones(tf.shape(d), tf.bool)),
+        input_signature=[tf.TensorSpec([None, *queries.shape[1:]], tf.as_dtype(queries.dtype)),
+                         tf.TensorSpec([None], tf.int64)])
     query_doc_ids = np.asarray(query_doc_ids, np.int64)
-    out = np.full((keys.shape[0], k), -1, np.int64)
-    for first in range(0, keys.shape[0], batch_size):
+    out = np.full((queries.shape[0], k), -1, np.int64)
+    for first in range(0, queries.shape[0], batch_size):
         last = first + batch_size
-        out[first:last] = search(keys[first:last], query_doc_ids[first:last]).numpy()
+        out[first:last] = search(queries[first:last], query_doc_ids[first:last]).numpy()
     return out
 
 
@@ -333,9 +321,10 @@ def retrieve_chunk_neighbours(db: Any, split: str, chunk_ids: np.ndarray, k: int
     split_table = _chunk_table(db, split, with_queries=True)
     retriever = _retriever(db, num_neighbours=k, overfetch=overfetch,
                            exclude_same_document=exclude_same_document,
-                           exclude_doc_ids=exclude_doc_ids, searcher=None, need_searcher=True)
+                           exclude_doc_ids=exclude_doc_ids, need_search=True)
     search = tf.function(
-        lambda ids: retriever.query_chunks(split_table, ids, split_table.gather_doc_ids(ids),
+        lambda ids: retriever.query_chunks(split_table, ids,
+                                           split_table.gather_doc_ids(ids)[:, None],
                                            ids >= 0),
         input_signature=[tf.TensorSpec([None], tf.int64)])
     chunk_ids = np.asarray(chunk_ids, np.int64)
@@ -349,9 +338,9 @@ def precompute_neighbours(db: Any, split: str, out_dir: str | os.PathLike, *,
                           num_neighbours: int, overfetch: int = 4,
                           exclude_same_document: bool = True,
                           exclude_doc_ids: Collection[int] | None = None,
-                          split_db: Any | None = None, searcher: TFSearcher | None = None,
+                          split_db: Any | None = None,
                           block_rows: int = 4096, num_files: int = 8) -> Path:
-    """Write the filtered neighbour ids of every chunk of `split` to sharded TFRecord files.
+    """Write the candidate neighbour ids of every chunk of `split` to sharded TFRecord files.
 
     `make_dataset(..., precomputed_dir=out_dir)` with the same k / overfetch / filters then
     yields exactly the batches of inline retrieval, for any seed, packing and sequence length.
@@ -367,10 +356,9 @@ def precompute_neighbours(db: Any, split: str, out_dir: str | os.PathLike, *,
     retriever = _retriever(db, num_neighbours=num_neighbours, overfetch=overfetch,
                            exclude_same_document=_same_document_filter(
                                exclude_same_document, db, split_db),
-                           exclude_doc_ids=exclude_doc_ids, searcher=searcher,
-                           need_searcher=True)
+                           exclude_doc_ids=exclude_doc_ids, need_search=True)
     return write_precomputed(
-        out_dir, split=split, neighbour_ids_blocks=compute_blocks(retriever, split_table,
+        out_dir, split=split, candidate_blocks=compute_blocks(retriever, split_table,
                                                                   block_rows),
         num_chunks=split_table.num_chunks, settings=retriever.settings,
         fingerprint=database_fingerprint(db, retriever.database.num_chunks),

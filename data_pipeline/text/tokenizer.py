@@ -8,13 +8,13 @@ the same sample gives a byte-identical model file (the database manifest keys on
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from data_pipeline.errors import DataError
+from data_pipeline.fileio import file_sha256
 
 PAD_ID = 0
 UNK_ID = 1
@@ -25,15 +25,6 @@ EOS_ID = 3
 _RESERVED_PIECES = 4 + 256
 # SentencePiece skips training lines longer than this (bytes); long lines are cut to fit.
 _MAX_SENTENCE_BYTES = 4096
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Tokenizer:
@@ -66,7 +57,7 @@ class Tokenizer:
             raise DataError(
                 f"tokenizer model {self.path}: special ids (pad, unk, bos, eos) are {found}, "
                 f"expected {(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}; retrain it with "
-                "data_pipeline.tokenizer.train_tokenizer (or leave tokenizer.model_path empty)")
+                "data_pipeline.text.train_tokenizer (or leave tokenizer.model_path empty)")
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no BOS/EOS added)."""

@@ -1,5 +1,6 @@
-"""Resumable build state shared by the build stages: fingerprints, done-markers, progress,
-the kill -9 test hook, and the block-by-block writer of per-chunk arrays.
+"""Resumable units of work shared by the database build stages (chunks, retriever files):
+fingerprints, done-markers, the kill -9 test hook, and the block-by-block writer of per-chunk
+arrays.
 
 A stage's unit of work (a key block, a BM25 candidate block, an index shard) leaves a marker
 `<db>.partial/.build/<name>.json` = {inputs: fingerprint of what it was computed from,
@@ -15,16 +16,14 @@ import json
 import logging
 import os
 import signal
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data_pipeline.database import write_json_atomic
-from data_pipeline.tokenizer import file_sha256
+from data_pipeline.fileio import write_json_atomic
+from data_pipeline.progress import progress
 
 log = logging.getLogger("data_pipeline.build")
 STATE_DIR = ".build"
@@ -37,59 +36,11 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def dir_sha256(path: Path) -> str:
-    """sha256 over a directory's relative file names and contents (sorted)."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode() + b"\0")
-        digest.update(file_sha256(file).encode())
-    return digest.hexdigest()
-
-
 def event(name: str) -> None:
     """Crash-test hook: `RETRO_JAX_BUILD_KILL_AT=<name>` kills the process here (SIGKILL)."""
     log.debug("build event %s", name)
     if os.environ.get(KILL_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class LogProgress:
-    """tqdm's update/close for logs (no TTY): a line every `interval` s and at the end, with
-    the rate and, when the total is known, the ETA."""
-
-    def __init__(self, total: int | None, desc: str, unit: str, interval: float = 30.0):
-        self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
-        self.n = self.logged_n = 0
-        self.start = self.last = time.perf_counter()
-
-    def _log(self, now: float) -> None:
-        self.logged_n = self.n
-        rate = self.n / max(now - self.start, 1e-9)
-        eta = (f", ETA {(self.total - self.n) / rate:.0f}s" if self.total and rate > 0
-               else "")
-        of = f"/{self.total:,}" if self.total else ""
-        log.info("%s: %s%s %s (%.1f %s/s%s)", self.desc, f"{self.n:,}", of, self.unit, rate,
-                 self.unit, eta)
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        now = time.perf_counter()
-        if now - self.last >= self.interval:
-            self.last = now
-            self._log(now)
-
-    def close(self) -> None:
-        if self.n != self.logged_n or self.n == 0:
-            self._log(time.perf_counter())
-
-
-def progress(total: int | None, desc: str, unit: str):
-    """A tqdm bar (rate, ETA) on a terminal, periodic log lines otherwise."""
-    if not sys.stderr.isatty():
-        return LogProgress(total, desc, unit)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True)
 
 
 class Markers:

@@ -12,7 +12,6 @@ axis can grow in place), so memory holds one block, never the split.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -22,7 +21,8 @@ from typing import Protocol
 
 import numpy as np
 
-from data_pipeline.tokenizer import EOS_ID, PAD_ID
+from data_pipeline.text.counting import byte_count, word_count
+from data_pipeline.text.tokenizer import EOS_ID, PAD_ID
 
 
 class _Encoder(Protocol):
@@ -43,37 +43,6 @@ def chunk_token_ids(ids: list[int] | np.ndarray, chunk_len: int) -> np.ndarray:
     out = np.full((num_chunks, chunk_len), PAD_ID, dtype=np.int32)
     out.reshape(-1)[: ids.size] = ids
     return out
-
-
-def word_count(text: str) -> int:
-    """Words of `text` as word-level perplexity counts them.
-
-    Uses data_pipeline.corpora's wikitext_word_count (the Wikitext103 convention) when the
-    corpora module provides it; otherwise the same rule: whitespace-separated words plus one
-    end-of-line token per line (a last line without "\\n" counts too).
-    """
-    counter = _corpus_word_counter()
-    if counter is not None:
-        return int(counter(text))
-    lines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
-    return len(text.split()) + lines
-
-
-_WORD_COUNTER: list = []
-
-
-def _corpus_word_counter():
-    if not _WORD_COUNTER:
-        counter = None
-        for module in ("data_pipeline.corpora", "data_pipeline.corpora.wikitext"):
-            try:
-                counter = getattr(importlib.import_module(module), "wikitext_word_count", None)
-            except ImportError:
-                continue
-            if counter is not None:
-                break
-        _WORD_COUNTER.append(counter)
-    return _WORD_COUNTER[0]
 
 
 def keep_fraction(doc_id: str, fraction: float) -> bool:
@@ -186,7 +155,7 @@ def _kept_bytes(tokenizer, kept_ids: list[int], full_bytes: int, share: float) -
     decode = getattr(tokenizer, "decode", None)
     if decode is None:
         return int(round(full_bytes * share))
-    return len(decode([t for t in kept_ids if t > EOS_ID]).encode("utf-8"))
+    return byte_count(decode([t for t in kept_ids if t > EOS_ID]))
 
 
 def chunk_split(
@@ -246,7 +215,7 @@ def chunk_split(
                 ids = list(ids) + [EOS_ID]
                 chunks = chunk_token_ids(ids, chunk_len)
                 num_tokens = len(ids)
-                num_bytes = len(doc.text.encode("utf-8"))
+                num_bytes = byte_count(doc.text)
                 keep = len(chunks)
                 if max_document_chunks >= 0:
                     keep = min(keep, max_document_chunks)
