@@ -21,7 +21,8 @@ JSON lines, one object per figure set:
                   the forward with k=10 neighbours over the forward without
 
 Shape: n=512, m=64 (L=8), k=10 neighbours of 2m=128 tokens, batch 8 windows, stride n; the
-demo model (d 256, 4 layers, CCA at 2 and 4, encoder 2 x 256) at a 4k vocabulary, fp32, on
+small model of retro_jax/configs/small.py at twice its width (d 256, 4 layers, CCA at 2 and 4,
+encoder 2 x 256) and a 4k vocabulary, fp32, on
 this machine's CPUs. Database: 50k train chunks (--quick: 10k) of random tokens with clustered
 384-dim keys, indexed by data_pipeline.retrieval.scann (ScaNN tree + AH above 20k keys, else brute
 force); evaluation split: 32 documents of 8-24 chunks (--quick: 6).
@@ -89,13 +90,18 @@ def synthetic_database(path: Path, train_chunks: int, eval_docs: int, seed: int 
 def demo_model():
     from flax import nnx
 
+    from retro_jax.configs import get_base_config
+    from retro_jax.configs.small import shrink
     from retro_jax.models.config import RetroConfig
     from retro_jax.models.retro import Retro
 
-    cfg = RetroConfig(vocab_size=VOCAB, d_model=256, num_layers=4, num_heads=4, head_dim=64,
-                      ffw_dim=1024, chunk_len=CHUNK_LEN, cca_layers=(2, 4), encoder_width=256,
-                      encoder_layers=2, encoder_heads=4, encoder_head_dim=64,
-                      encoder_ffw_dim=1024, dtype="float32")
+    # The "small" size of :runlocal and the demo (4 layers, CCA at 2 and 4, a 2-layer
+    # encoder) at twice its width and a 4k vocabulary.
+    config = shrink(get_base_config(), "small", {
+        "model.vocab_size": VOCAB, "database.chunk_len": CHUNK_LEN,
+        "model.d_model": 256, "model.head_dim": 64, "model.ffw_dim": 1024,
+        "model.encoder_width": 256, "model.encoder_head_dim": 64, "model.encoder_ffw_dim": 1024})
+    cfg = RetroConfig.from_config(config.model, config.database.chunk_len)
     return Retro(cfg, rngs=nnx.Rngs(0))
 
 

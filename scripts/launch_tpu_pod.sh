@@ -6,7 +6,7 @@
 #   scripts/launch_tpu_pod.sh create  --name retro --zone us-east5-a --accelerator v5p-32
 #   scripts/launch_tpu_pod.sh install --name retro --zone us-east5-a
 #   scripts/launch_tpu_pod.sh run     --name retro --zone us-east5-a \
-#       --experiment experiments/paper/pile_retro_172m.py --workdir gs://BUCKET/runs/retro172m \
+#       --experiment experiments/paper/pile.py:172m --workdir gs://BUCKET/runs/pile-retro-172m \
 #       [--command train] [-- --config.train.num_steps=1000]
 #   scripts/launch_tpu_pod.sh delete  --name retro --zone us-east5-a
 #   scripts/launch_tpu_pod.sh all     ...   # create, install, build-db, train, delete

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retro_jax.configs import get_base_config
+from retro_jax.configs.small import shrink
 from retro_jax.models.config import RetroConfig
 from retro_jax.models.loss import cross_entropy
 from retro_jax.models.retro import Retro
@@ -21,12 +23,18 @@ K = 2
 
 
 def tiny_config(**overrides) -> RetroConfig:
-    """4 decoder layers, CCA at 2 and 4, an encoder narrower than the decoder (bridged)."""
-    base = RetroConfig(
-        vocab_size=64, d_model=32, num_layers=4, num_heads=4, head_dim=8, ffw_dim=64,
-        chunk_len=CHUNK, cca_layers=(2, 4), encoder_width=16, encoder_layers=2,
-        encoder_heads=2, encoder_head_dim=8, encoder_ffw_dim=32,
-        encoder_cross_attend_layers=(1, 2), dtype="float32")
+    """4 decoder layers, CCA at 2 and 4, an encoder narrower than the decoder (bridged): the
+    "tiny" size of retro_jax/configs/small.py with these shapes, then `overrides` (RetroConfig
+    fields)."""
+    config = shrink(get_base_config(), "tiny", {
+        "database.chunk_len": CHUNK,
+        "model.num_layers": 4, "model.num_heads": 4, "model.head_dim": 8,
+        "model.cca_layers": (2, 4),
+        "model.encoder_width": 16, "model.encoder_layers": 2, "model.encoder_heads": 2,
+        "model.encoder_head_dim": 8, "model.encoder_ffw_dim": 32,
+        "model.encoder_cross_attend_layers": (1, 2),
+    })
+    base = RetroConfig.from_config(config.model, config.database.chunk_len)
     return dataclasses.replace(base, **overrides)
 
 

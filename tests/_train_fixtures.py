@@ -27,41 +27,15 @@ CHUNK = 8
 
 
 def tiny_config(**overrides):
-    """A validated config small enough to compile and train in seconds on CPU."""
+    """A validated config small enough to compile and train in seconds on CPU: the "tiny"
+    size of retro_jax/configs/small.py, then `overrides` (dotted key -> value, as on the
+    command line)."""
     from retro_jax.configs import get_base_config, validate_config
     from retro_jax.configs.loader import parse_override
+    from retro_jax.configs.small import shrink
 
-    c = get_base_config()
+    c = shrink(get_base_config(), "tiny")
     c.name = "tiny"
-    c.tokenizer.vocab_size = VOCAB
-    c.database.chunk_len = CHUNK
-    c.model.vocab_size = VOCAB
-    c.model.d_model = 32
-    c.model.num_layers = 2
-    c.model.num_heads = 2
-    c.model.head_dim = 16
-    c.model.ffw_dim = 64
-    c.model.cca_layers = (2,)
-    c.model.encoder_width = 32
-    c.model.encoder_layers = 1
-    c.model.encoder_heads = 2
-    c.model.encoder_head_dim = 16
-    c.model.encoder_ffw_dim = 64
-    c.model.dtype = "float32"
-    c.data.seq_len = 32
-    c.data.num_neighbours = 2
-    c.mesh.data = -1
-    c.train.batch_size = 8
-    c.train.num_steps = 12
-    c.train.learning_rate = 3e-3
-    c.train.warmup_steps = 2
-    c.train.log_every = 1
-    c.train.eval_every = 0
-    c.train.eval_batches = 2
-    c.train.checkpoint_every = 4
-    c.train.keep_last = 2
-    c.train.keep_every = 0
-    c.eval.stride = 32
     for key, value in overrides.items():
         parse_override(c, f"{key}={value}")
     return validate_config(c)

@@ -1,10 +1,10 @@
 """Every experiment file's `:runlocal` variant builds its model and trains a few steps.
 
-Experiments whose runlocal model, data shape and training settings coincide (the paper files
-differ only in the corpus they point at and in their pod-sized values, which runlocal replaces)
-are trained once; every file still gets its own validated config. Batches are synthetic (the
-data path is covered by the pipeline, build and end-to-end tests), so this checks exactly what
-an experiment file changes: the model it builds and how it trains.
+Experiments whose runlocal model, data shape and training settings coincide (the paper files'
+sizes differ only in their pod-sized values, which runlocal replaces) are trained once; every
+runlocal variant still gets its own validated config. Batches are synthetic (the data path is
+covered by the pipeline, build and end-to-end tests), so this checks exactly what an
+experiment file changes: the model it builds and how it trains.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import pytest
+from _experiment_specs import specs
 from _train_fixtures import read_metrics, synthetic_batches
 
 from retro_jax.configs import load_config
@@ -50,7 +51,7 @@ REDUCED = ("experiments/ablations/base.py", "experiments/ablations/retrieval_off
            "experiments/ablations/retrofit.py", "experiments/ablations/cca_every_layer.py",
            "experiments/ablations/encoder_depth6.py",
            "experiments/ablations/no_query_conditioning.py",
-           "experiments/paper/wikitext103_retro_172m.py", "experiments/demo.py")
+           "experiments/paper/wikitext103.py", "experiments/demo.py")
 
 
 @pytest.mark.parametrize("reduced", [
@@ -83,8 +84,8 @@ def test_runlocal_variants_train_a_few_steps(tmp_path, reduced):
     assert any("retrofit" in n for n in trained)
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: str(p.relative_to(REPO)))
-def test_runlocal_is_cpu_sized(path):
-    config = load_config(f"{path}:runlocal", num_devices=8)
+@pytest.mark.parametrize("spec", specs(runlocal=True))
+def test_runlocal_is_cpu_sized(spec):
+    config = load_config(str(REPO / spec), num_devices=8)
     assert config.model.d_model <= 256 and config.data.seq_len <= 512
     assert config.train.num_steps <= 1000 and config.train.batch_size <= 16

@@ -48,6 +48,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.corpus.validation_percent = 1.0  # hash-split corpora: share of documents for validation
     c.corpus.test_percent = 1.0  # hash-split corpora: share of documents for test
     c.corpus.max_documents = -1  # per split; -1 = all. CPU runs cap it.
+    # What to read when corpus.path is empty but corpus.kind reads files (wikitext103, pile,
+    # textdir, jsonl): "" = nothing (opening the corpus fails), "stdlib" = the embedded corpus,
+    # and the run's name gets "-on-stdlib" so no result carries the name of data it was not
+    # computed on. `:runlocal` sets "stdlib". Decided once, after command-line overrides, by
+    # validate_config (retro_jax/configs/validate.py: resolve_corpus_fallback).
+    c.corpus_fallback = ""
 
     # ------------------------------------------------------------- tokenizer
     c.tokenizer = ml_collections.ConfigDict()

@@ -1,17 +1,26 @@
 """The paper's configurations (Borgeaud et al. 2021, Table 2 and section 4), as config builders.
 
-Experiment files under experiments/paper/ call `paper_config(...)` and hold the command and the
-target figure in their docstrings; `runlocal(config)` shrinks any config to a CPU-sized run that
-keeps what makes it that experiment (retrieval on/off, CCA pattern relative to depth, ...).
+Experiment files under experiments/paper/ (one per data set) read their variants with
+`paper_variants(arg)` (a size, `baseline`, `runlocal`), call `paper_config(...)` and hold the
+commands and the paper's figures in their docstrings; `runlocal(config)` shrinks any config to a
+CPU-sized run that keeps what makes it that experiment (retrieval on/off, CCA pattern relative
+to depth, ...).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import ml_collections
 
 from retro_jax.configs.base import PAPER_SIZES, get_base_config
+from retro_jax.configs.small import shrink
+from retro_jax.configs.validate import ConfigError
 
-# Per size: mesh (fsdp, tensor) for a pod slice, remat, global batch, max learning rate.
+# Per size: the Cloud TPU slice its experiment docstrings target (v5p-N has N/2 chips).
+TPU_SLICE = {"172M": "v5p-32", "425M": "v5p-32", "1.5B": "v5p-64", "7.5B": "v5p-128"}
+
+# Per size: mesh (fsdp, tensor) for its pod slice, remat, global batch, max learning rate.
 _POD = {
     "172M": dict(fsdp=1, tensor=1, remat="none", batch=256, lr=2e-4),
     "425M": dict(fsdp=4, tensor=1, remat="none", batch=256, lr=2e-4),
@@ -60,39 +69,14 @@ def paper_config(size: str, dataset: str, *, retrieval: bool = True) -> ml_colle
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrink a config to a CPU run of minutes, keeping its experimental choices.
 
-    CCA layers and encoder cross-attention are re-mapped onto the small depth by their relative
-    position, so an ablation applied after this call still means the same thing.
+    The size is retro_jax/configs/small.py's "small" (CCA and encoder cross-attention re-mapped
+    by relative depth, so an ablation applied after this call still means the same thing).
+    The corpus stays the experiment's: with --config.corpus.path the run reads that data set;
+    without one it reads the embedded corpus and its name ends in "-on-stdlib" (decided after
+    the overrides, by validate_config's resolve_corpus_fallback).
     """
-    if not c.corpus.path:
-        c.corpus.kind = "stdlib"  # the embedded corpus: no data set to download
-    c.corpus.max_documents = 400
-    c.tokenizer.vocab_size = 2048
-    c.tokenizer.train_sample_bytes = 2_000_000
-    c.database.max_chunks = 2000
-    c.database.shard_chunks = 1000
-    c.database.dedup_against_eval = False
-    c.embedder.max_wordpieces = 128
-    m = c.model
-    m.vocab_size = 2048
-    m.d_model, m.num_heads, m.head_dim, m.ffw_dim = 128, 4, 32, 512
-    m.num_layers = 4
-    m.cca_layers = (2, 4)
-    m.encoder_width, m.encoder_heads, m.encoder_head_dim, m.encoder_ffw_dim = 128, 4, 32, 512
-    m.encoder_layers = min(m.encoder_layers, 2)
-    m.encoder_cross_attend_layers = (1,)
-    m.dtype = "float32"
-    m.remat = "none"
-    c.data.seq_len = 256
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
-    t = c.train
-    t.batch_size, t.num_steps, t.learning_rate = 8, 60, 1e-3
-    t.warmup_steps, t.log_every, t.checkpoint_every = 10, 10, 30
-    t.eval_every, t.keep_every = 0, 0
-    c.eval.stride = 256
-    c.eval.batch_size = 8
-    c.eval.max_documents = 10
-    c.eval.num_neighbours = min(c.eval.num_neighbours, 4)
-    c.eval.knn_lm_k = 64
+    c = shrink(c, "small")
+    c.corpus_fallback = "stdlib"
     return c
 
 
@@ -103,6 +87,28 @@ def variant(arg: str | None, allowed: tuple[str, ...], source: str) -> set[str]:
     chosen = {v.strip() for v in arg.split(",") if v.strip()}
     unknown = chosen - set(allowed)
     if unknown:
-        raise ValueError(f"{source}: unknown variant(s) {sorted(unknown)}; "
+        raise ConfigError(f"{source}: unknown variant(s) {sorted(unknown)}; "
                          f"allowed: {', '.join(allowed)}")
     return chosen
+
+
+# The size variants of experiments/paper/*.py -> PAPER_SIZES keys.
+SIZE_VARIANTS = {"172m": "172M", "425m": "425M", "1.5b": "1.5B", "7.5b": "7.5B"}
+DEFAULT_SIZE = "172m"
+
+
+class PaperVariant(NamedTuple):
+    size: str  # a PAPER_SIZES key
+    retrieval: bool  # False with `baseline`
+    runlocal: bool
+
+
+def paper_variants(arg: str | None, source: str) -> PaperVariant:
+    """A paper experiment's ':ARG': at most one size (172m when none), `baseline`, `runlocal`."""
+    chosen = variant(arg, (*SIZE_VARIANTS, "baseline", "runlocal"), source)
+    sizes = [v for v in SIZE_VARIANTS if v in chosen]
+    if len(sizes) > 1:
+        raise ConfigError(f"{source}: variants {sizes} name {len(sizes)} sizes; give at most one "
+                         f"of {', '.join(SIZE_VARIANTS)} (default {DEFAULT_SIZE})")
+    return PaperVariant(size=SIZE_VARIANTS[sizes[0] if sizes else DEFAULT_SIZE],
+                        retrieval="baseline" not in chosen, runlocal="runlocal" in chosen)

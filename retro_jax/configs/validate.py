@@ -21,6 +21,7 @@ class ConfigError(ValueError):
 # Keys whose value must be one of a fixed set.
 CHOICES = {
     "corpus.kind": ("stdlib", "wikitext103", "pile", "textdir", "jsonl", "tfds"),
+    "corpus_fallback": ("", "stdlib"),
     "corpus.wikitext_variant": ("raw", "tokens"),
     "tokenizer.model_type": ("unigram", "bpe"),
     "database.retriever": ("bert", "bm25"),
@@ -81,6 +82,25 @@ MINIMUMS = {
 }
 
 
+# Corpus kinds read from corpus.path (stdlib is embedded; tfds names a prepared dataset).
+FILE_KINDS = ("wikitext103", "pile", "textdir", "jsonl")
+
+
+def resolve_corpus_fallback(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Apply `corpus_fallback` (the one place it is decided; validate_config calls it).
+
+    When the config reads files (corpus.kind in FILE_KINDS) but corpus.path is empty and a
+    fallback is set, the run reads the fallback corpus instead and its name says so:
+    `wikitext103-retro-172m` becomes `wikitext103-retro-172m-on-stdlib`. With a path, nothing
+    changes. Idempotent: a resolved config (a saved config.json) stays as it is.
+    """
+    fallback = config.corpus_fallback
+    if fallback and not config.corpus.path and config.corpus.kind in FILE_KINDS:
+        config.corpus.kind = fallback
+        config.name = f"{config.name}-on-{fallback}"
+    return config
+
+
 def default_cca_layers(num_layers: int) -> tuple[int, ...]:
     """The paper's CCA placement (1-based): every 3rd layer from 6, or from 9 past 15 layers."""
     start = 9 if num_layers > 15 else 6
@@ -136,6 +156,9 @@ def validate_config(
 ) -> ml_collections.ConfigDict:
     """Check `config` against the base config and its own consistency; return it.
 
+    The corpus fallback (`resolve_corpus_fallback`) is applied here, once, so every validated
+    config names the corpus it reads.
+
     Args:
       config: the experiment config.
       num_devices: when given, the mesh must cover exactly this many devices.
@@ -161,7 +184,10 @@ def validate_config(
 
     for key, allowed in CHOICES.items():
         if found[key] not in allowed:
-            raise _fail(source, key, found[key], f"allowed: {', '.join(allowed)}")
+            raise _fail(source, key, found[key],
+                        f"allowed: {', '.join(a or repr(a) for a in allowed)}")
+    resolve_corpus_fallback(config)  # after the command line's overrides
+    found = _flatten(config)
     for key, minimum in MINIMUMS.items():
         if found[key] < minimum:
             raise _fail(source, key, found[key], f"must be >= {minimum}")

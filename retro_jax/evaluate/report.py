@@ -3,9 +3,11 @@
 Reads every `<W>/eval/*.json` written by `retro-jax eval` and prints three markdown tables:
 
 1. one row per model (a run's RETRO with its [ON] and [OFF] results side by side; a baseline;
-   a kNN-LM) and split: parameters, database size, k, the metric with retrieval on and off,
-   bpb filtered at each leakage threshold alpha, and the paper's figure for the same row
-   (Wikitext103 word perplexity, Table 4) where there is one;
+   a kNN-LM) and split: the corpus it read (kind and path, from the run's config.json, with
+   any disagreement of the result or the database noted), parameters, database size, k,
+   the metric with retrieval on and off, bpb filtered at each leakage threshold alpha, and
+   the paper's figure for the same row (Wikitext103 word perplexity, Table 4) where there is
+   one;
 2. bits per byte per subset (document source, e.g. the Pile's pile_set_name) when a result
    has more than one subset;
 3. every leakage curve, one row per model and mode.
@@ -20,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from retro_jax.evaluate.plots import plot_leakage
-from retro_jax.evaluate.results import collect_leakage_curves, load_results
+from retro_jax.evaluate.results import collect_leakage_curves, load_results, run_corpus
 
 # Wikitext103 word perplexity (valid, test), RETRO paper Table 4.
 PAPER_WIKITEXT103 = {
@@ -98,8 +100,8 @@ def model_rows(records: list[dict]) -> list[dict]:
 def results_table(records: list[dict]) -> str:
     """Markdown: one row per model and split, beside the paper's figure."""
     alphas = _alphas(records)
-    header = ["model", "corpus", "split", "metric", "params (non-emb.)", "DB chunks", "k",
-              "retrieval on", "retrieval off"]
+    header = ["model", "corpus (kind, path)", "split", "metric", "params (non-emb.)",
+              "DB chunks", "k", "retrieval on", "retrieval off"]
     header += [f"bpb α≤{a * 100:g}%" for a in alphas]
     header += ["paper (Table 4)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -121,7 +123,9 @@ def results_table(records: list[dict]) -> str:
         non_emb = main.get("non_embedding_params")
         params_text = f"{_fmt(params)} ({_fmt(non_emb)})" if params is not None else "–"
         paper = paper_figure(main.get("corpus", ""), kind, main.get("split", ""))
-        cells = [name, main.get("corpus", "?"), main.get("split", "?"),
+        corpus = run_corpus(main["workdir"], main) if main.get("workdir") else main.get(
+            "corpus", "?")
+        cells = [name, corpus.replace("|", "\\|"), main.get("split", "?"),
                  main.get("metric", "?"), params_text, _fmt(main.get("db_chunks")),
                  _fmt(k), _fmt(on), _fmt(off)]
         cells += [_fmt(_filtered(main, a)) for a in alphas]

@@ -68,3 +68,35 @@ def load_results(workdirs) -> list[dict]:
     return records
 
 
+
+
+def run_corpus(workdir: str | Path, record: dict | None = None) -> str:
+    """What a run read, for the report: corpus kind and path from its saved config.json.
+
+    "wikitext103 /data/wikitext-103-raw", "stdlib (embedded)"; without a config.json, the
+    result record's kind and "path unknown". When the result record or the run's database
+    manifest names another kind, that is said too: a row must never carry the name of data
+    it was not computed on.
+    """
+    record = record or {}
+    evaluated = record.get("corpus")
+    try:
+        config = json.loads((Path(workdir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"{evaluated or '?'} (path unknown: no {Path(workdir) / 'config.json'})"
+    corpus = config.get("corpus") or {}
+    kind, path = corpus.get("kind", "?"), corpus.get("path", "")
+    text = f"{kind} {path}" if path else f"{kind} (embedded)" if kind == "stdlib" else (
+        f"{kind} (no path)")
+    notes = []
+    if evaluated and evaluated != kind:
+        notes.append(f"evaluated with corpus.kind={evaluated}")
+    db_path = (config.get("database") or {}).get("path") or str(Path(workdir) / "db")
+    try:
+        manifest = json.loads((Path(db_path) / "manifest.json").read_text())
+        built = (manifest.get("corpus") or {}).get("kind")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        built = None
+    if built and built != kind:
+        notes.append(f"database built from {built}")
+    return text + (f" [{'; '.join(notes)}]" if notes else "")

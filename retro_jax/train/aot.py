@@ -7,7 +7,7 @@ topology's devices, a Mesh is laid over them from `config.mesh`, and
 Nothing is allocated; the compiled program's `memory_analysis()` gives the per-device bytes,
 printed with the parameters' and optimiser state's own shares:
 
-    retro-jax compile --config experiments/paper_172m.py --topology v5p:2x2x2
+    retro-jax compile --config experiments/paper/pile.py:172m --topology v5p:2x2x2
 
 It needs libtpu, which comes with `pip install "jax[tpu]==0.10.2"` (the TPU extra of this
 package: `pip install -e ".[tpu]"`); without it the command stops with that instruction.
