@@ -42,7 +42,7 @@ def build_run_database(config, db_path: str | Path, *, force: bool = False, corp
         db_path,
         corpus=corpus if corpus is not None else open_corpus(**corpus_settings),
         corpus_settings=corpus_settings,
-        corpus_kind=str(config.corpus.kind),
+        corpus_kind=str(config.corpus.kind), corpus_path=str(config.corpus.path),
         retriever=retriever,
         tokenizer=TokenizerSettings(model_path=str(t.model_path), vocab_size=int(t.vocab_size),
                                     train_sample_bytes=int(t.train_sample_bytes),

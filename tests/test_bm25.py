@@ -287,7 +287,7 @@ def test_train_and_evaluate_on_a_bm25_database(db, tmp_path):
 
     vocab = db.tokenizer.vocab_size
     config = train_config(**{
-        "database.retriever": "bm25", "database.path": str(db.path),
+        "database.retriever": "bm25", "database.path": str(db.path), "corpus.kind": "jsonl",
         "database.chunk_len": db.chunk_len, "data.seq_len": 4 * db.chunk_len,
         "eval.stride": 4 * db.chunk_len, "eval.num_neighbours": 2, "eval.max_documents": 2,
         "eval.batch_size": 8, "tokenizer.vocab_size": vocab, "model.vocab_size": vocab,

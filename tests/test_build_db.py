@@ -263,3 +263,18 @@ def test_cli_build_db_end_to_end(tmp_path, capsys):
     assert "recall@10" in out and "train" in out and "MB" in out
     keys = db.split("train").queries
     assert keys.shape == (96, 384) and np.isfinite(keys).all() and np.abs(keys).sum() > 0
+
+
+def test_a_run_on_a_database_of_another_corpus_is_refused(tmp_path):
+    """A result must never carry the name of data it was not computed on: the run's corpus
+    must be the one the database was built from (manifest corpus kind and path)."""
+    from retro_jax.train.data import open_run_database
+
+    db = make_tiny_database(tmp_path)  # corpus.kind jsonl, no path (an in-memory corpus)
+    assert db.manifest["corpus"]["kind"] == "jsonl" and db.manifest["corpus"]["path"] == ""
+    config = tiny_config(**{"database.path": str(db.path)})
+    assert open_run_database(config, tmp_path).path == db.path
+    for other in ({"corpus.kind": "stdlib"}, {"corpus.path": "/data/other"}):
+        with pytest.raises(DataError, match=r"built from corpus\.kind='jsonl'.*--force"):
+            open_run_database(tiny_config(**{"database.path": str(db.path), **other}),
+                              tmp_path)

@@ -202,6 +202,7 @@ def build_database(
     dedup: DedupSettings | None = None,
     corpus_settings: Mapping[str, Any] | None = None,
     corpus_kind: str = "",
+    corpus_path: str = "",
     force: bool = False,
 ) -> RetrievalDatabase:
     """Build (or resume building) a retrieval database at `db_path`.
@@ -214,7 +215,8 @@ def build_database(
       tokenizer, chunking, dedup: the stages' settings (dedup None = off).
       corpus_settings: what the corpus was opened with (a config's `corpus` section); part of
         the stages' fingerprints, so another corpus redoes them.
-      corpus_kind: recorded in the manifest's corpus section beside the description.
+      corpus_kind, corpus_path: recorded in the manifest's corpus section beside the
+        description (what runs on this database check they read).
       force: rebuild even if a complete database exists there (a partial build resumes).
     Returns:
       the opened, checked database.
@@ -263,7 +265,7 @@ def build_database(
     writer = DatabaseWriter(db_path, chunk_len=chunking.chunk_len,
                             tokenizer_path=partial / TOKENIZER_FILE,
                             embedder_name="", embed_dim=0,
-                            corpus={"kind": corpus_kind,
+                            corpus={"kind": corpus_kind, "path": corpus_path,
                                     "description": getattr(corpus, "description", "")},
                             resume=True, retriever=retriever.kind)
     writer.apply(files)

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from data_pipeline.corpora.factory import KINDS as CORPUS_KINDS
+from data_pipeline.retrieval import retriever_kinds
 from retro_jax.configs.base import get_base_config
 
 
@@ -20,11 +22,11 @@ class ConfigError(ValueError):
 
 # Keys whose value must be one of a fixed set.
 CHOICES = {
-    "corpus.kind": ("stdlib", "wikitext103", "pile", "textdir", "jsonl", "tfds"),
+    "corpus.kind": CORPUS_KINDS,
     "corpus_fallback": ("", "stdlib"),
     "corpus.wikitext_variant": ("raw", "tokens"),
     "tokenizer.model_type": ("unigram", "bpe"),
-    "database.retriever": ("bert", "bm25"),
+    "database.retriever": retriever_kinds(),
     "embedder.dtype": ("float32", "bfloat16"),
     "model.activation": ("gelu", "relu", "silu", "swiglu", "geglu"),
     "model.neighbour_parts": ("both", "neighbours", "continuations"),

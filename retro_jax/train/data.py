@@ -53,9 +53,30 @@ def open_run_database(config, workdir: str | Path, *, retriever: Any = None):
         raise DataError(f"no retrieval database at {path} (manifest.json missing): run "
                         f"`retro-jax build-db --config ... --workdir {workdir}` first, or set "
                         "database.path")
-    return RetrievalDatabase.open(path, expect_chunk_len=config.database.chunk_len,
-                                  retriever=retriever if retriever is not None
-                                  else str(config.database.retriever))
+    db = RetrievalDatabase.open(path, expect_chunk_len=config.database.chunk_len,
+                                retriever=retriever if retriever is not None
+                                else str(config.database.retriever))
+    check_corpus(db, config.corpus)
+    return db
+
+
+def check_corpus(db, corpus_cfg) -> None:
+    """DataError when the database was built from another corpus than the config names: a
+    result must never carry the name of data it was not computed on."""
+    from data_pipeline.errors import DataError
+
+    built = db.manifest.get("corpus", {})
+    kind, path = str(corpus_cfg.kind), str(corpus_cfg.path)
+    found_kind, found_path = built.get("kind"), built.get("path")
+    if found_kind in (None, "", "synthetic"):  # written by hand (tests, benchmarks)
+        return
+    if found_kind != kind or (found_path is not None and found_path != path):
+        raise DataError(
+            f"{db.path / 'manifest.json'}: the database was built from corpus.kind="
+            f"{found_kind!r} corpus.path={found_path!r} ({built.get('description', '')}), "
+            f"the config reads corpus.kind={kind!r} corpus.path={path!r}; pass the database's "
+            f"corpus (--config.corpus.kind / --config.corpus.path), or rebuild the database "
+            "for this corpus: retro-jax build-db ... --force (or point database.path elsewhere)")
 
 
 def pipeline_batches(config, db, mesh, rules, split: str = "train", *, shuffle: bool = True,
