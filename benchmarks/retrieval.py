@@ -16,8 +16,8 @@ Keys: --keys PATH (float32 [N, d] .npy), else benchmarks/.cache/keys.npy when it
 clustered synthetic unit vectors of dim 384 (said in the kind=data line). Real keys fewer than
 --n are topped up with noisy copies of themselves. Queries are held out: never in the database.
 
-faiss runs in the peer venv (/work/shared/peer/setup_peer_venv.sh, $PEER_VENV, default
-~/.cache/retro-peer-venv) as `$PEER_VENV/bin/python benchmarks/retrieval.py --faiss-worker DIR`
+faiss runs in the peer's virtualenv (benchmarks/peer/setup_venv.sh, $PEER_VENV, default
+benchmarks/.cache/peer-venv) as `$PEER_VENV/bin/python benchmarks/retrieval.py --faiss-worker DIR`
 on the same .npy files and ground truth, tuned to the same recall target, 2 threads.
 
     .venv/bin/python benchmarks/retrieval.py --quick          # 100k, scaling at 100k only
@@ -41,7 +41,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_KEYS = REPO / "benchmarks" / ".cache" / "keys.npy"
-PEER_VENV = Path(os.environ.get("PEER_VENV", Path.home() / ".cache" / "retro-peer-venv"))
+PEER_VENV = Path(os.environ.get("PEER_VENV", Path(__file__).resolve().parent / ".cache"
+                                / "peer-venv"))
 K = 10
 RECALL_QUERIES = 1000  # scaling points: exact answers for this many of the --nq queries
 
@@ -248,7 +249,7 @@ def run_faiss(args, workdir: Path) -> list[dict]:
     python = PEER_VENV / "bin" / "python"
     if not python.exists():
         emit(dict(impl="faiss", kind="skipped", reason=f"no peer venv at {PEER_VENV}: run "
-                  "/work/shared/peer/setup_peer_venv.sh"))
+                  "benchmarks/peer/setup_venv.sh"))
         return []
     cmd = [str(python), __file__, "--faiss-worker", str(workdir), "--target", str(args.target)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.faiss_timeout)

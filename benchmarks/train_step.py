@@ -1,13 +1,12 @@
-"""RETRO training-step benchmark on the peer's "cpu-small" config, side by side with the peer.
+"""RETRO training-step benchmark on the "cpu-small" workload, side by side with the peer.
 
-One step = forward + loss + backward + AdamW update (lr 1e-4, b1 0.9, b2 0.999, eps 1e-8,
-weight decay 0.01 on every parameter), the peer's exact definition
-(/work/shared/peer/peer_train_step.py). Same config, same seeded batch, same JSON record
-(bench_common.result_record), plus MFU against the machine's fp32 matmul peak measured in the
-same run (a 2048x2048 jnp matmul) and the step's FLOPs from XLA's cost analysis.
+One step = forward + loss + backward + AdamW update, as benchmarks/peer/workload.py defines it
+for both implementations (the same model size, the same seeded batch, the same JSON record),
+plus MFU against the machine's fp32 matmul peak measured in the same run (a 2048x2048 jnp
+matmul) and the step's FLOPs from XLA's cost analysis.
 
     .venv/bin/python benchmarks/train_step.py [--steps 5] [--quick] [--json-out FILE]
-    ../shared/peer/run_side_by_side.sh .venv/bin/python benchmarks/train_step.py --steps 5
+    benchmarks/peer/run_side_by_side.sh --steps 5     # the peer (retro-pytorch), then this
 
 cpu-small: vocab 32000, decoder 512 x 8 layers, CCA at 5 and 8, 8 heads x 64, encoder 512 x 2
 (both layers cross-attend to H_u), FFW 4x GELU, m 64, n 512, k 2 neighbours of 128 tokens,
@@ -18,13 +17,13 @@ batch 8. Our model differs from the peer's where the paper says so: rotary relat
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
-PEER_DIR = Path(os.environ.get("RETRO_PEER_DIR", "/work/shared/peer"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peer"))
+from workload import CPU_SMALL, emit, record, time_steps  # noqa: E402
 
 # XLA:CPU's default "concurrency optimized" scheduler orders ops for inter-op parallelism and
 # keeps far more buffers alive; the memory-minimising scheduler cuts the step's temporaries
@@ -34,16 +33,6 @@ CPU_XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 # every step faults in ~9 GB of 4 KiB pages (2.2M minor faults, seconds of kernel time).
 # With glibc's hugetlb tunable, malloc asks for transparent huge pages (2 MiB) instead.
 MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def _bench_common():
-    spec = importlib.util.spec_from_file_location("bench_common", PEER_DIR / "bench_common.py")
-    if spec is None or not (PEER_DIR / "bench_common.py").is_file():
-        sys.exit(f"benchmarks/train_step.py: {PEER_DIR}/bench_common.py not found; "
-                 "set RETRO_PEER_DIR to the directory holding the peer's bench_common.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -72,7 +61,6 @@ def main() -> None:
     if not args.default_xla_scheduler and CPU_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + CPU_XLA_FLAGS).strip()
 
-    bc = _bench_common()
     import jax
     import jax.numpy as jnp
     import optax
@@ -84,18 +72,17 @@ def main() -> None:
     from retro_jax.models.retro import Retro
     from retro_jax.train.metrics import measure_cpu_matmul_flops
 
-    c = bc.CPU_SMALL
+    w = CPU_SMALL
     cfg = RetroConfig(
-        vocab_size=c["vocab"], d_model=c["dec_dim"], num_layers=c["dec_depth"],
-        num_heads=c["heads"], head_dim=c["dim_head"], ffw_dim=c["ff_mult"] * c["dec_dim"],
-        chunk_len=c["chunk_size"], activation="gelu", tie_embeddings=False,
-        cca_layers=tuple(c["cca_layers_1based"]), encoder_width=c["enc_dim"],
-        encoder_layers=c["enc_depth"], encoder_heads=c["heads"], encoder_head_dim=c["dim_head"],
-        encoder_ffw_dim=c["ff_mult"] * c["enc_dim"],
-        encoder_cross_attend_layers=tuple(range(1, c["enc_depth"] + 1)), dtype="float32",
+        vocab_size=w.vocab, d_model=w.width, num_layers=w.layers, num_heads=w.heads,
+        head_dim=w.head_dim, ffw_dim=w.ffw_multiple * w.width, chunk_len=w.chunk,
+        activation="gelu", tie_embeddings=False, cca_layers=w.cca_layers,
+        encoder_width=w.encoder_width, encoder_layers=w.encoder_layers, encoder_heads=w.heads,
+        encoder_head_dim=w.head_dim, encoder_ffw_dim=w.ffw_multiple * w.encoder_width,
+        encoder_cross_attend_layers=tuple(range(1, w.encoder_layers + 1)), dtype="float32",
         remat=args.remat)
 
-    seq, retrieved = bc.make_batch(c)
+    seq, retrieved = w.batch_arrays()
     inputs = jnp.asarray(seq[:, :-1], jnp.int32)
     targets = jnp.asarray(seq[:, 1:], jnp.int32)
     neighbours = jnp.asarray(retrieved, jnp.int32)
@@ -103,8 +90,8 @@ def main() -> None:
     model = nnx.jit(lambda: Retro(cfg, rngs=nnx.Rngs(0)))()
     graphdef, params = nnx.split(model, nnx.Param)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    tx = optax.adamw(c["lr"], b1=c["adam_b1"], b2=c["adam_b2"], eps=c["adam_eps"],
-                     weight_decay=c["weight_decay"])
+    tx = optax.adamw(w.learning_rate, b1=w.adam_b1, b2=w.adam_b2, eps=w.adam_eps,
+                     weight_decay=w.weight_decay)
     opt_state = tx.init(params)
 
     def loss_fn(params):
@@ -132,10 +119,10 @@ def main() -> None:
     # XLA's cost analysis counts a while loop's body once: the blockwise loss's scan runs
     # n/block times, each block with 3 matmuls [B*block, d] x [d, V] (logits, dh, dW; see
     # models/loss.py), so (n/block - 1) blocks' matmuls are missing from `flops`.
-    n_blocks = 1 if args.full_logits or c["seq_len"] % args.loss_block else (
-        c["seq_len"] // args.loss_block)
-    block_rows = c["batch_size"] * c["seq_len"] // n_blocks
-    loss_scan_flops = (n_blocks - 1) * 3 * 2 * block_rows * c["dec_dim"] * c["vocab"]
+    n_blocks = 1 if args.full_logits or w.seq_len % args.loss_block else (
+        w.seq_len // args.loss_block)
+    block_rows = w.batch * w.seq_len // n_blocks
+    loss_scan_flops = (n_blocks - 1) * 3 * 2 * block_rows * w.width * w.vocab
     memory = compiled.memory_analysis()
     temp_gb = round(memory.temp_size_in_bytes / 2**30, 2) if memory else None
 
@@ -145,14 +132,13 @@ def main() -> None:
         state["params"], state["opt"], loss = compiled(state["params"], state["opt"])
         return float(loss)  # blocks until the step is done
 
-    cpu_stats: dict = {}
-    times, losses = bc.time_steps(step, steps, cpu_stats=cpu_stats)
+    times, losses, cpu_stats = time_steps(step, w, steps)
     peak = measure_cpu_matmul_flops(2048) / 1e9  # the machine's practical fp32 peak
     med = sorted(times)[len(times) // 2]
     achieved = flops / med / 1e9 if flops else 0.0
     achieved_all = (flops + loss_scan_flops) / med / 1e9 if flops else 0.0
-    rec = bc.result_record(
-        "retro-jax", n_params, times, c,
+    rec = record(
+        "retro-jax", w, n_params, times,
         jax_version=jax.__version__, backend=jax.default_backend(),
         threads=os.cpu_count(), loss=("full-logits" if args.full_logits
                                       else f"blockwise-{args.loss_block}"),
@@ -166,7 +152,7 @@ def main() -> None:
         step_s_all=[round(t, 4) for t in times], xla_flags=os.environ.get("XLA_FLAGS", ""),
         glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
         **cpu_stats)
-    bc.emit(rec, args.json_out)
+    emit(rec, args.json_out)
 
 
 if __name__ == "__main__":
