@@ -125,12 +125,8 @@ def execute(run: SweepRun) -> None:
 
 def write_charts(runs: list[SweepRun], root: Path) -> list[Path]:
     """One bar chart per metric (ON and OFF side by side per experiment), plus loss curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from retro_jax.evaluate.results import eval_mode, result_path
+    from retro_jax.train.plot import new_figure, save_figure
 
     by_metric: dict[str, dict[str, dict[str, float]]] = {}
     for run in runs:
@@ -148,7 +144,7 @@ def write_charts(runs: list[SweepRun], root: Path) -> list[Path]:
     written = []
     for metric, values in by_metric.items():
         names = list(values)
-        fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 4), dpi=120)
+        _, fig, ax = new_figure(max(5, 0.9 * len(names) + 2), 4)
         width = 0.4
         for offset, label in ((-width / 2, "on"), (width / 2, "off")):
             xs = [i + offset for i, n in enumerate(names) if label in values[n]]
@@ -156,17 +152,12 @@ def write_charts(runs: list[SweepRun], root: Path) -> list[Path]:
             if xs:
                 ax.bar(xs, ys, width, label=f"retrieval {label}")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_ylabel(metric)
         low = min(v for row in values.values() for v in row.values())
         high = max(v for row in values.values() for v in row.values())
         ax.set_ylim(max(0.0, low - 0.1 * (high - low + 1e-9) - 0.05), high * 1.02 + 1e-9)
-        ax.legend()
-        ax.set_title(f"{metric} ({runs[0].config.eval.split})")
-        fig.tight_layout()
-        out = root / f"{metric}.png"
-        fig.savefig(out)
-        plt.close(fig)
-        written.append(out)
+        written.append(save_figure(fig, ax, root / f"{metric}.png", ylabel=metric,
+                                   title=f"{metric} ({runs[0].config.eval.split})",
+                                   grid=False))
     try:
         from retro_jax.train.plot import plot_runs
 

@@ -123,32 +123,24 @@ def real_embedder(batch_size: int = 32, max_wordpieces: int = 64):
     return _REAL_EMBEDDERS[key]
 
 
-def tiny_config(**overrides: Any):
-    """A validated config for tiny databases; overrides as {"database.chunk_len": 8, ...}."""
-    from retro_jax.configs import get_base_config, validate_config
+# The database tests' sizes on top of retro_jax/configs/small.py's "tiny" model: 16-token
+# chunks (a few sentences), a 320-piece tokenizer, small shards and recall samples.
+TINY_DATABASE = {
+    "corpus.kind": "jsonl", "corpus.validation_percent": 20.0, "corpus.test_percent": 20.0,
+    "tokenizer.vocab_size": 320, "tokenizer.train_sample_bytes": 200_000,
+    "model.vocab_size": 320, "database.chunk_len": 16, "database.shard_chunks": 512,
+    "embedder.batch_size": 32, "embedder.max_wordpieces": 64, "index.recall_sample": 64,
+    "index.brute_force_below": 1000, "data.seq_len": 64, "eval.stride": 64,
+}
 
-    c = get_base_config()
-    c.corpus.kind = "jsonl"
-    c.corpus.validation_percent = 20.0
-    c.corpus.test_percent = 20.0
-    c.tokenizer.vocab_size = 320
-    c.tokenizer.train_sample_bytes = 200_000
-    c.database.chunk_len = 16
-    c.database.shard_chunks = 512
-    c.embedder.batch_size = 32
-    c.embedder.max_wordpieces = 64
-    c.index.recall_sample = 64
-    c.index.brute_force_below = 1000
-    c.model.vocab_size = 320
-    c.data.seq_len = 64
-    c.eval.stride = 64
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return validate_config(c)
+
+def tiny_config(**overrides: Any):
+    """A validated config for tiny databases (and tiny models over them); overrides as
+    {"database.chunk_len": 8, ...}."""
+    from retro_jax.configs import get_base_config, validate_config
+    from retro_jax.configs.small import shrink
+
+    return validate_config(shrink(get_base_config(), "tiny", {**TINY_DATABASE, **overrides}))
 
 
 def make_tiny_database(

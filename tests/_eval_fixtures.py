@@ -61,48 +61,25 @@ def write_pile(directory: Path, *, train_docs: int = 24, eval_docs: int = 4,
 
 def eval_config(corpus_kind: str, corpus_path: Path | str, *, retrieval: bool = True,
                 **overrides: Any):
-    """A validated tiny config: 16-token chunks, 64-token windows, a 2-layer model."""
-    from retro_jax.configs import get_base_config, validate_config
+    """A validated tiny config (tests/_db_fixtures.py's tiny database and model) reading
+    `corpus_path`: 16-token chunks, 64-token sequences scored in 32-token strides."""
     from retro_jax.configs.loader import parse_override
+    from retro_jax.configs.validate import validate_config
+    from tests._db_fixtures import tiny_config
 
-    c = get_base_config()
+    c = tiny_config(**{
+        "corpus.kind": corpus_kind, "corpus.path": str(corpus_path),
+        "corpus.wikitext_variant": "tokens", "corpus.validation_percent": 1.0,
+        "corpus.test_percent": 1.0, "database.shard_chunks": 4096,
+        "embedder.max_wordpieces": 256, "index.recall_sample": 32,
+        "index.brute_force_below": 100_000, "index.recall_floor": 0.5, "model.size": "tiny",
+        "model.retrieval": retrieval, "model.cca_layers": (2,) if retrieval else (),
+        "train.num_steps": 3, "train.warmup_steps": 1, "train.checkpoint_every": 3,
+        "eval.metric": "word_ppl" if corpus_kind == "wikitext103" else "bpb",
+        "eval.num_neighbours": 2, "eval.stride": 32, "eval.batch_size": 4,
+        "eval.leakage_neighbours": 4, "eval.knn_lm_k": 16})
+    c = validate_config(c.copy_and_resolve_references())
     c.name = f"tiny-{corpus_kind}-{'retro' if retrieval else 'baseline'}"
-    c.corpus.kind = corpus_kind
-    c.corpus.path = str(corpus_path)
-    c.corpus.wikitext_variant = "tokens"
-    c.tokenizer.vocab_size = 320
-    c.tokenizer.train_sample_bytes = 200_000
-    c.database.chunk_len = 16
-    c.database.shard_chunks = 4096
-    c.embedder.batch_size = 32
-    c.index.recall_sample = 32
-    c.index.brute_force_below = 100_000
-    c.index.recall_floor = 0.5
-    m = c.model
-    m.size = "tiny"
-    m.vocab_size = 320
-    m.d_model, m.num_layers, m.num_heads, m.head_dim, m.ffw_dim = 32, 2, 2, 16, 64
-    m.cca_layers = (2,) if retrieval else ()
-    m.retrieval = retrieval
-    m.encoder_width, m.encoder_layers, m.encoder_heads = 32, 1, 2
-    m.encoder_head_dim, m.encoder_ffw_dim = 16, 64
-    m.dtype = "float32"
-    c.data.seq_len = 64
-    c.data.num_neighbours = 2
-    c.train.batch_size = 8
-    c.train.num_steps = 3
-    c.train.learning_rate = 3e-3
-    c.train.warmup_steps = 1
-    c.train.log_every = 1
-    c.train.eval_every = 0
-    c.train.checkpoint_every = 3
-    c.train.keep_every = 0
-    c.eval.metric = "word_ppl" if corpus_kind == "wikitext103" else "bpb"
-    c.eval.num_neighbours = 2
-    c.eval.stride = 32
-    c.eval.batch_size = 4
-    c.eval.leakage_neighbours = 4
-    c.eval.knn_lm_k = 16
     for key, value in overrides.items():
         parse_override(c, f"{key}={value}")
     return validate_config(c)

@@ -136,7 +136,7 @@ class RetrievalDatabase:
         db = cls(path, manifest)
         if retriever is not None:
             db.check_retriever(retriever)
-        db._check_expectations(expect_chunk_len, expect_tokenizer_sha256)
+        db.check_expectations(expect_chunk_len, expect_tokenizer_sha256)
         db._check_files()
         return db
 
@@ -155,7 +155,10 @@ class RetrievalDatabase:
         if not isinstance(retriever, str):
             retriever.check_database(self.path, self.manifest)
 
-    def _check_expectations(self, chunk_len, tokenizer_sha256) -> None:
+    def check_expectations(self, chunk_len: int | None = None,
+                           tokenizer_sha256: str | None = None) -> None:
+        """DataError unless the database has chunk length `chunk_len` (config
+        database.chunk_len) and was tokenized with `tokenizer_sha256` (None: not checked)."""
         where = self.path / MANIFEST
         if chunk_len is not None and int(chunk_len) != self.chunk_len:
             raise DataError(f"{where}: chunk_len is {self.chunk_len} but the config has "

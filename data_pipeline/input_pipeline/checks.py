@@ -22,18 +22,11 @@ def tokenizer_sha256(db: Any) -> str | None:
 def check_database(db: Any, *, expect_chunk_len: int | None,
                    expect_tokenizer_sha256: str | None, split_db: Any | None) -> None:
     """The database (and a separate split database) match each other and the caller."""
-    manifest = Path(db_path(db)) / "manifest.json"
-    if expect_chunk_len is not None and int(expect_chunk_len) != db.chunk_len:
-        raise DataError(f"{manifest}: chunk_len is {db.chunk_len}, the config has "
-                        f"database.chunk_len={expect_chunk_len}; rebuild the database with "
-                        f"{_BUILD} --force, or set database.chunk_len={db.chunk_len}")
-    sha = tokenizer_sha256(db)
-    if expect_tokenizer_sha256 is not None and sha is not None and sha != expect_tokenizer_sha256:
-        raise DataError(f"{manifest}: tokenizer sha256 {sha[:12]}... differs from the one "
-                        f"expected ({expect_tokenizer_sha256[:12]}...): the database was built "
-                        f"with another tokenizer; rebuild it with {_BUILD} --force")
+    db.check_expectations(expect_chunk_len, expect_tokenizer_sha256)
     if split_db is None or split_db is db:
         return
+    manifest = Path(db_path(db)) / "manifest.json"
+    sha = tokenizer_sha256(db)
     other = Path(db_path(split_db)) / "manifest.json"
     if split_db.chunk_len != db.chunk_len:
         raise DataError(f"{other}: chunk_len {split_db.chunk_len}, but the retrieval database "

@@ -28,15 +28,45 @@ def run_label(workdir: Path) -> str:
         else Path(workdir).name
 
 
-def plot_runs(workdirs: Sequence[Path], out: Path, metric: str = "loss",
-              *, log_y: bool | None = None) -> Path:
-    """Write a PNG of `metric` vs step for every run in `workdirs`; return its path."""
+def new_figure(width: float, height: float):
+    """(matplotlib.pyplot, figure, axes) on the Agg backend (the CLI and tests write files)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(width, height), dpi=120)
+    return plt, fig, ax
+
+
+def save_figure(fig, ax, out: str | Path, *, xlabel: str | None = None,
+                ylabel: str | None = None, title: str | None = None, grid: bool = True) -> Path:
+    """Label, grid and legend (when there are labelled artists) the axes, write `out` (its
+    directory created), close the figure; returns the path."""
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if grid:
+        ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return out
+
+
+def plot_runs(workdirs: Sequence[Path], out: Path, metric: str = "loss",
+              *, log_y: bool | None = None) -> Path:
+    """Write a PNG of `metric` vs step for every run in `workdirs`; return its path."""
+    plt, fig, ax = new_figure(7, 4.5)  # plt: closes the figure if nothing is plotted
     plotted = 0
     for workdir in workdirs:
         rows = [r for r in read_metrics(workdir) if metric in r]
@@ -54,16 +84,7 @@ def plot_runs(workdirs: Sequence[Path], out: Path, metric: str = "loss",
         log_y = metric in ("perplexity", "eval_perplexity", "lr")
     if log_y:
         ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(metric)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, ax, out, xlabel="step", ylabel=metric)
 
 
 def run_plot(args) -> int:
