@@ -234,3 +234,51 @@ def test_from_config_resolves_cca_layers():
     c.model.retrieval = False
     assert RetroConfig.from_config(c.model, 64).cca_layers == ()
     assert RetroConfig.from_config(c.model, 64).compute_dtype == jnp.float32  # CPU "auto"
+
+
+# ------------------------------------------------------------------- cached decoding
+def test_self_attention_with_a_cache_equals_the_causal_forward(model):
+    """The cached path, fed in two pieces (a 5-token prefill, then one token at a time),
+    gives the causal forward's outputs and leaves each position's rotated keys in the cache."""
+    from retro_jax.models.attention import KVCache
+
+    block = model.blocks[0]
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 32)), jnp.float32)
+    want = block.self_attention(x)
+    zeros = jnp.zeros((2, 12, 4, 8), jnp.float32)  # room for 12 positions, 8 used
+    out, cache = block.self_attention(x[:, :5], jnp.arange(5), KVCache(zeros, zeros))
+    outs = [out]
+    for t in range(5, 8):
+        out, cache = block.self_attention(x[:, t:t + 1], jnp.array([t]), cache)
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(cache.k[:, 8:], 0.0)  # positions never fed stay empty
+
+
+def test_decode_step_equals_the_forward_pass(model):
+    """`Retro.decode_step` token by token (neighbours fed with each chunk's last token) gives
+    the full forward's logits at every position and, per attending chunk, its attention
+    shares."""
+    from retro_jax.sample.decode import init_cache
+
+    inputs, _, neighbours = make_batch()
+    neighbours = neighbours.at[:, 1, 1].set(0)  # a missing neighbour: the masks matter
+    want, want_shares = nnx.jit(lambda m, x, nb: m(x, nb, return_cca_attention=True))(
+        model, inputs, neighbours)
+    step = nnx.jit(lambda m, t, p, c, nb: m.decode_step(t, p, c, nb, return_cca_attention=True))
+    cache = init_cache(model, batch=2, max_len=CHUNK * CHUNKS, num_neighbours=2)
+    logits, shares = [], []
+    for pos in range(CHUNK * CHUNKS):
+        completes = (pos + 1) % CHUNK == 0
+        out, cache, share = step(model, inputs[:, pos], jnp.int32(pos), cache,
+                                 neighbours[:, pos // CHUNK] if completes else None)
+        logits.append(out)
+        shares.append(share)
+    np.testing.assert_allclose(jnp.stack(logits, axis=1), want, rtol=1e-4, atol=1e-5)
+    for layer in (2, 4):  # attending chunk u: positions u*m + m-1 .. u*m + 2m-2
+        per_token = np.stack([np.asarray(s[layer]) for s in shares], axis=1)  # [B, n, k]
+        for u in range(CHUNKS - 1):
+            first = u * CHUNK + CHUNK - 1
+            np.testing.assert_allclose(per_token[:, first:first + CHUNK].mean(1),
+                                       want_shares[layer][:, u], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(per_token[:, :CHUNK - 1], 0.0)  # nothing to attend to yet
