@@ -14,6 +14,12 @@ runs on the neighbours, attending to H = x (after this layer's self-attention); 
 x += CCA(norm(x), encoded); x += FFW(norm(x)). Final RMSNorm, then the output projection
 (tied to the embedding or not).
 
+Dropout (`cfg.dropout`, training only): on every residual branch, `x += Dropout(Branch(norm(x)))`,
+in the decoder (self-attention, CCA, FFW) and the encoder (self-attention, cross-attention to
+H_u, FFW). It is on exactly when the forward pass is given a `dropout_rng`; each site draws
+from its own key, `fold_in`ed from that one by (layer, branch), so no RNG state is carried
+(evaluation and sampling pass no key and are deterministic).
+
 Decoding: `Retro.decode_step(tokens [B], pos, cache, neighbours)` feeds one token per call
 through the same block methods as the forward pass, each given its slice of a `DecodeCache`
 (the self-attention keys/values of every layer, the CCA keys/values of every completed chunk).
@@ -31,7 +37,16 @@ from retro_jax.models.attention import Attention, KVCache, cache_mask, dot_produ
 from retro_jax.models.cca import ChunkedCrossAttention, NeighbourKV
 from retro_jax.models.config import RetroConfig
 from retro_jax.models.encoder import NeighbourEncoder, select_neighbour_parts
-from retro_jax.models.layers import DenseGeneral, Embed, FeedForward, RMSNorm, rotary, row_matmul
+from retro_jax.models.layers import (
+    DenseGeneral,
+    Embed,
+    FeedForward,
+    RMSNorm,
+    dropout,
+    fold_in,
+    rotary,
+    row_matmul,
+)
 from retro_jax.models.sharding import shard
 
 ACT_NAMES = ("batch", "length", "embed")
@@ -44,6 +59,11 @@ retrofit_filter = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("cca"),
                                              nnx.PathContains("cca_norm"),
                                              nnx.PathContains("encoder")))
 
+# Dropout key tags: decoder layer l (1-based) gets fold_in(rng, l), the encoder fold_in(rng, 0);
+# within a layer each residual branch folds in its own tag.
+ENCODER_RNG = 0
+SELF_ATTENTION_RNG, CCA_RNG, FFW_RNG = 0, 1, 2
+
 
 class DecoderBlock(nnx.Module):
     """One decoder layer; `cca` is None at layers without chunked cross-attention."""
@@ -52,6 +72,7 @@ class DecoderBlock(nnx.Module):
         dtype = cfg.compute_dtype
         d = cfg.d_model
         self.rope_base = cfg.rope_base
+        self.dropout_rate = cfg.dropout
         self.attention_norm = RMSNorm(d, dtype=dtype, rngs=rngs)
         self.attention = Attention(d, d, cfg.num_heads, cfg.head_dim, d, dtype=dtype, rngs=rngs)
         self.cca_norm = RMSNorm(d, dtype=dtype, rngs=rngs) if has_cca else None
@@ -60,13 +81,14 @@ class DecoderBlock(nnx.Module):
         self.ffw = FeedForward(d, cfg.ffw_dim, cfg.activation, dtype=dtype, rngs=rngs)
 
     def self_attention(self, x: jax.Array, positions: jax.Array | None = None,
-                       cache: KVCache | None = None):
+                       cache: KVCache | None = None, dropout_rng: jax.Array | None = None):
         """`x + CausalSelfAttn(norm(x))`, rotary on `positions` `[T]` (default 0..T-1).
 
         Without a cache: `[B, T, d] -> [B, T, d]`, causal within x.
         With a `KVCache` (`[B, S, H, D]`): x holds the tokens at the consecutive `positions`;
         their rotated keys and values are written into the cache, and each attends to every
         cached position up to its own. Returns (`[B, T, d]`, the updated cache).
+        `dropout_rng` (this layer's key) turns dropout on.
         """
         if positions is None:
             positions = jnp.arange(x.shape[1])
@@ -80,23 +102,30 @@ class DecoderBlock(nnx.Module):
             cache = cache.write(k, v, positions[0])
             ctx = dot_product_attention(q, cache.k, cache.v,
                                         mask=cache_mask(positions, cache.k.shape[1]))
-        x = shard(x + self.attention.project_output(ctx), ACT_NAMES)
+        out = dropout(self.attention.project_output(ctx), self.dropout_rate,
+                      fold_in(dropout_rng, SELF_ATTENTION_RNG))
+        x = shard(x + out, ACT_NAMES)
         return x if cache is None else (x, cache)
 
     def chunked_cross_attention(self, x: jax.Array, encoded: jax.Array | None,
                                 neighbour_mask: jax.Array | None, return_attention: bool = False,
                                 positions: jax.Array | None = None,
-                                cache: NeighbourKV | None = None):
+                                cache: NeighbourKV | None = None,
+                                dropout_rng: jax.Array | None = None):
         """`x + CCA(norm(x), encoded)` and the per-neighbour attention shares (None unless
         `return_attention`); with a cache, also the updated cache (`ChunkedCrossAttention`
-        has the shapes of both paths)."""
+        has the shapes of both paths). `dropout_rng` (this layer's key) turns dropout on."""
         out = self.cca(self.cca_norm(x), encoded, neighbour_mask,
                        return_attention=return_attention, positions=positions, cache=cache)
-        x = shard(x + out[0], ACT_NAMES)
+        delta = dropout(out[0], self.dropout_rate, fold_in(dropout_rng, CCA_RNG))
+        x = shard(x + delta, ACT_NAMES)
         return (x,) + tuple(out[1:])
 
-    def feed_forward(self, x: jax.Array) -> jax.Array:
-        return shard(x + self.ffw(self.ffw_norm(x)), ACT_NAMES)
+    def feed_forward(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """`x + FFW(norm(x))`: `[B, T, d] -> [B, T, d]`; `dropout_rng` turns dropout on."""
+        out = dropout(self.ffw(self.ffw_norm(x)), self.dropout_rate,
+                      fold_in(dropout_rng, FFW_RNG))
+        return shard(x + out, ACT_NAMES)
 
 
 class DecodeCache(NamedTuple):
@@ -133,23 +162,28 @@ class Retro(nnx.Module):
 
     # ------------------------------------------------------------------ forward
     def __call__(self, inputs: jax.Array, neighbours: jax.Array | None = None, *,
-                 return_cca_attention: bool = False):
+                 return_cca_attention: bool = False, dropout_rng: jax.Array | None = None):
         """inputs int32 `[B, n]`, neighbours int32 `[B, L, k, 2m]` | None ->
         logits float32 `[B, n, V]`; with `return_cca_attention`, also a dict
-        {1-based CCA layer: share of attention per neighbour `[B, L, k]`}."""
+        {1-based CCA layer: share of attention per neighbour `[B, L, k]`}.
+        `dropout_rng` (a PRNG key): training mode, dropout at rate `cfg.dropout`."""
         if return_cca_attention:
-            h, shares = self.hidden_states(inputs, neighbours, return_cca_attention=True)
+            h, shares = self.hidden_states(inputs, neighbours, return_cca_attention=True,
+                                           dropout_rng=dropout_rng)
             return self.logits(h), shares
-        return self.logits(self.hidden_states(inputs, neighbours))
+        return self.logits(self.hidden_states(inputs, neighbours, dropout_rng=dropout_rng))
 
     def hidden_states(self, inputs: jax.Array, neighbours: jax.Array | None = None, *,
-                      return_cca_attention: bool = False):
+                      return_cca_attention: bool = False, dropout_rng: jax.Array | None = None):
         """The final-normed activations `[B, n, d]` (before the output projection).
 
         Training computes the loss from these in sequence blocks
         (`loss.chunked_cross_entropy`) so the `[B, n, V]` logits never exist at once.
+        `dropout_rng`: as in `__call__` (ignored when `cfg.dropout` is 0: nothing random is
+        traced).
         """
         cfg = self.cfg
+        rng = dropout_rng if cfg.dropout > 0 else None
         if neighbours is not None and not cfg.retrieval:
             raise ValueError("this is the baseline (model.retrieval=False, no CCA): "
                              "pass neighbours=None")
@@ -158,15 +192,18 @@ class Retro(nnx.Module):
         shares: dict[int, jax.Array] = {}
         remat = self._remat
         for layer, block in enumerate(self.blocks, start=1):
-            x = remat(DecoderBlock.self_attention)(block, x)
+            layer_rng = fold_in(rng, layer)
+            x = remat(DecoderBlock.self_attention)(block, x, dropout_rng=layer_rng)
             if layer == cfg.first_cca_layer and neighbours is not None:
-                encoded, neighbour_mask = remat(Retro._encode)(self, neighbours, x)
+                encoded, neighbour_mask = remat(Retro._encode)(self, neighbours, x,
+                                                               fold_in(rng, ENCODER_RNG))
             if block.cca is not None and encoded is not None:
                 x, share = remat(DecoderBlock.chunked_cross_attention, static_argnums=(4,))(
-                    block, x, encoded, neighbour_mask, return_cca_attention)
+                    block, x, encoded, neighbour_mask, return_cca_attention,
+                    dropout_rng=layer_rng)
                 if return_cca_attention:
                     shares[layer] = share
-            x = remat(DecoderBlock.feed_forward)(block, x)
+            x = remat(DecoderBlock.feed_forward)(block, x, layer_rng)
         h = self.final_norm(x)
         return (h, shares) if return_cca_attention else h
 
@@ -213,12 +250,13 @@ class Retro(nnx.Module):
         cache = DecodeCache(tuple(layers), chunk_h, tuple(cca))
         return (logits, cache, shares) if return_cca_attention else (logits, cache)
 
-    def _encode(self, neighbours: jax.Array, decoder_h: jax.Array):
+    def _encode(self, neighbours: jax.Array, decoder_h: jax.Array,
+                dropout_rng: jax.Array | None = None):
         """neighbours int32 `[B, L, k, 2m]` -> (encoded `[B, L, k, 2m, w]`,
         mask `[B, L, k, 2m]`)."""
         tokens = select_neighbour_parts(neighbours, self.cfg.neighbour_parts, self.cfg.chunk_len)
         mask = tokens != PAD_ID
-        encoded = self.encoder(self.embed(tokens), mask, decoder_h)
+        encoded = self.encoder(self.embed(tokens), mask, decoder_h, dropout_rng)
         return encoded, mask
 
     def output_weights(self) -> jax.Array:
