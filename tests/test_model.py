@@ -234,3 +234,116 @@ def test_from_config_resolves_cca_layers():
     c.model.retrieval = False
     assert RetroConfig.from_config(c.model, 64).cca_layers == ()
     assert RetroConfig.from_config(c.model, 64).compute_dtype == jnp.float32  # CPU "auto"
+
+
+# ------------------------------------------------------------------- cached decoding
+def test_self_attention_with_a_cache_equals_the_causal_forward(model):
+    """The cached path, fed in two pieces (a 5-token prefill, then one token at a time),
+    gives the causal forward's outputs and leaves each position's rotated keys in the cache."""
+    from retro_jax.models.attention import KVCache
+
+    block = model.blocks[0]
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 32)), jnp.float32)
+    want = block.self_attention(x)
+    zeros = jnp.zeros((2, 12, 4, 8), jnp.float32)  # room for 12 positions, 8 used
+    out, cache = block.self_attention(x[:, :5], jnp.arange(5), KVCache(zeros, zeros))
+    outs = [out]
+    for t in range(5, 8):
+        out, cache = block.self_attention(x[:, t:t + 1], jnp.array([t]), cache)
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(cache.k[:, 8:], 0.0)  # positions never fed stay empty
+
+
+def test_decode_step_equals_the_forward_pass(model):
+    """`Retro.decode_step` token by token (neighbours fed with each chunk's last token) gives
+    the full forward's logits at every position and, per attending chunk, its attention
+    shares."""
+    from retro_jax.sample.decode import init_cache
+
+    inputs, _, neighbours = make_batch()
+    neighbours = neighbours.at[:, 1, 1].set(0)  # a missing neighbour: the masks matter
+    want, want_shares = nnx.jit(lambda m, x, nb: m(x, nb, return_cca_attention=True))(
+        model, inputs, neighbours)
+    step = nnx.jit(lambda m, t, p, c, nb: m.decode_step(t, p, c, nb, return_cca_attention=True))
+    cache = init_cache(model, batch=2, max_len=CHUNK * CHUNKS, num_neighbours=2)
+    logits, shares = [], []
+    for pos in range(CHUNK * CHUNKS):
+        completes = (pos + 1) % CHUNK == 0
+        out, cache, share = step(model, inputs[:, pos], jnp.int32(pos), cache,
+                                 neighbours[:, pos // CHUNK] if completes else None)
+        logits.append(out)
+        shares.append(share)
+    np.testing.assert_allclose(jnp.stack(logits, axis=1), want, rtol=1e-4, atol=1e-5)
+    for layer in (2, 4):  # attending chunk u: positions u*m + m-1 .. u*m + 2m-2
+        per_token = np.stack([np.asarray(s[layer]) for s in shares], axis=1)  # [B, n, k]
+        for u in range(CHUNKS - 1):
+            first = u * CHUNK + CHUNK - 1
+            np.testing.assert_allclose(per_token[:, first:first + CHUNK].mean(1),
+                                       want_shares[layer][:, u], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(per_token[:, :CHUNK - 1], 0.0)  # nothing to attend to yet
+
+
+# ------------------------------------------------------------------- dropout
+def test_dropout_config_is_validated_and_read():
+    from retro_jax.configs import get_base_config
+
+    with pytest.raises(ValueError, match="model.dropout"):
+        tiny_config(dropout=1.0)
+    with pytest.raises(ValueError, match="model.dropout"):
+        tiny_config(dropout=-0.1)
+    c = get_base_config()
+    assert RetroConfig.from_config(c.model, 64).dropout == 0.0
+    c.model.dropout = 0.25
+    assert RetroConfig.from_config(c.model, 64).dropout == 0.25
+
+
+train_forward = nnx.jit(lambda m, x, nb, key: m(x, nb, dropout_rng=key))
+
+
+def test_dropout_changes_training_outputs_only(model):
+    """Same weights: dropout 0 ignores the key; dropout > 0 without a key (evaluation) is the
+    plain forward; with a key it changes the logits, the same way for the same key."""
+    dropped = new_model(tiny_config(dropout=0.3))  # same seed, same parameters as `model`
+    inputs, _, neighbours = make_batch()
+    base = forward(model, inputs, neighbours)
+    key = jax.random.key(7)
+    np.testing.assert_array_equal(train_forward(model, inputs, neighbours, key), base)
+    np.testing.assert_array_equal(forward(dropped, inputs, neighbours), base)
+    train = train_forward(dropped, inputs, neighbours, key)
+    assert np.abs(np.asarray(train - base)).mean() > 1e-2
+    np.testing.assert_array_equal(train_forward(dropped, inputs, neighbours, key), train)
+    other = train_forward(dropped, inputs, neighbours, jax.random.key(8))
+    assert not np.allclose(other, train)
+
+
+def test_dropout_on_every_residual_branch():
+    """Each branch's output is zeroed with probability p and the rest scaled by 1/(1-p);
+    the encoder and CCA drop too; every site draws its own mask."""
+    p = 0.5
+    m = new_model(tiny_config(dropout=p))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, CHUNK * CHUNKS, 32)), jnp.float32)
+    key = jax.random.key(3)
+    block = m.blocks[1]  # layer 2: self-attention, CCA, FFW
+    for branch in (lambda k: block.feed_forward(x, k),
+                   lambda k: block.self_attention(x, dropout_rng=k)):
+        eval_delta, train_delta = branch(None) - x, branch(key) - x
+        dropped = np.isclose(np.asarray(train_delta), 0.0, atol=1e-7)
+        assert 0.4 < dropped.mean() < 0.6
+        np.testing.assert_allclose(np.asarray(train_delta)[~dropped],
+                                   np.asarray(eval_delta / (1 - p))[~dropped], rtol=1e-4,
+                                   atol=1e-6)
+    # The FFW and the self-attention of one layer (same shapes) drop different elements.
+    ffw = np.isclose(np.asarray(block.feed_forward(x, key) - x), 0.0, atol=1e-7)
+    attn = np.isclose(np.asarray(block.self_attention(x, dropout_rng=key) - x), 0.0, atol=1e-7)
+    assert 0.3 < (ffw != attn).mean() < 0.7
+
+    inputs, _, neighbours = make_batch()
+    encoded, mask = m._encode(neighbours, x)
+    encoded_train, _ = m._encode(neighbours, x, key)
+    assert not np.allclose(encoded_train, encoded)
+    cca_eval, _ = block.chunked_cross_attention(x, encoded, mask)
+    cca_train, _ = block.chunked_cross_attention(x, encoded, mask, dropout_rng=key)
+    assert not np.allclose(cca_train, cca_eval)
+    np.testing.assert_allclose(cca_train[:, :CHUNK - 1], x[:, :CHUNK - 1])  # no CCA there

@@ -148,6 +148,16 @@ def test_attention_shares_sum_to_one_per_chunk_with_neighbours(model):
     np.testing.assert_allclose(result.shares[missing], 0.0, atol=1e-7)
 
 
+def test_sampling_ignores_dropout(model):
+    """Decoding never drops: a model with dropout > 0 samples exactly as the same weights
+    without dropout."""
+    dropped = new_model(tiny_config(dropout=0.5), seed=3)
+    results = [generate(m, PROMPT, max_tokens=6, max_len=MAX_LEN, retriever=HashRetriever(),
+                        stop_at_eos=False, temperature=1.0, seed=4) for m in (model, dropped)]
+    np.testing.assert_array_equal(results[0].tokens, results[1].tokens)
+    np.testing.assert_array_equal(results[0].shares, results[1].shares)
+
+
 @pytest.mark.slow
 def test_baseline_generates_without_retrieval():
     baseline = new_model(tiny_config(cca_layers=()), seed=0)

@@ -22,8 +22,10 @@ from retro_jax.train.checkpoint import Checkpointer
 pytestmark = pytest.mark.slow
 
 TIMEOUT = 600
+# Dropout on: a resumed run must also reproduce the dropout masks (derived from the saved key
+# and the step), so its losses equal the uninterrupted run's.
 BASE = ["--config.train.num_steps=24", "--config.train.checkpoint_every=4",
-        "--config.train.keep_last=3", "--config.mesh.fsdp=2"]
+        "--config.train.keep_last=3", "--config.mesh.fsdp=2", "--config.model.dropout=0.1"]
 
 
 @pytest.fixture(scope="module")

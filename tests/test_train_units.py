@@ -180,3 +180,73 @@ def test_compile_without_libtpu_says_what_to_install(capsys, repo_root):
                      topology="v5p:2x2x2")
     assert run_compile(args) == 2
     assert 'pip install "jax[tpu]==0.10.2"' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_train_step_draws_random_numbers_only_with_dropout(grad_accum):
+    """With model.dropout 0 the lowered train step has no random-number ops (the program of
+    a model without dropout); with dropout > 0 it derives its keys inside the step."""
+    from _train_fixtures import tiny_config
+    from flax import nnx
+
+    from retro_jax.models.config import RetroConfig
+    from retro_jax.models.retro import Retro
+    from retro_jax.models.sharding import logical_axis_rules, make_mesh
+    from retro_jax.train.optimizer import make_optimizer
+    from retro_jax.train.state import TrainSetup
+
+    texts = {}
+    for dropout in (0.0, 0.1):
+        config = tiny_config(**{"model.dropout": dropout, "train.grad_accum": grad_accum})
+        model_cfg = RetroConfig.from_config(config.model, config.database.chunk_len)
+        mesh = make_mesh(config.mesh, devices=jax.devices()[:1])
+        setup = TrainSetup.create(lambda rngs, c=model_cfg: Retro(c, rngs=rngs),
+                                  make_optimizer(config.train), mesh,
+                                  logical_axis_rules(config.mesh), trainable=nnx.Param)
+        assert setup.dropout == dropout
+        step = setup.make_train_step(grad_accum=grad_accum,
+                                     schedule=schedule_from_config(config.train))
+        b, n, m = config.train.batch_size, config.data.seq_len, config.database.chunk_len
+        batch = {"inputs": jax.ShapeDtypeStruct((b, n), jnp.int32),
+                 "targets": jax.ShapeDtypeStruct((b, n), jnp.int32),
+                 "neighbours": jax.ShapeDtypeStruct((b, n // m, 2, 2 * m), jnp.int32)}
+        texts[dropout] = step.lower(setup.abstract_state, batch).as_text()
+    assert "threefry" not in texts[0.0] and "random" not in texts[0.0]
+    assert "threefry" in texts[0.1]
+
+
+def test_restore_keeps_the_dropout_key_and_derives_it_for_older_checkpoints(tmp_path):
+    """A checkpoint stores the dropout key; one written before it did (no train/rng) resumes
+    with the key a fresh run of the checkpoint's train.seed starts from."""
+    from _train_fixtures import tiny_config
+
+    from retro_jax.models.config import RetroConfig
+    from retro_jax.models.retro import Retro
+    from retro_jax.models.sharding import logical_axis_rules, make_mesh
+    from retro_jax.train.optimizer import make_optimizer
+    from retro_jax.train.restore import _saveable, restore_state, save_state
+    from retro_jax.train.state import TrainSetup
+
+    config = tiny_config(**{"model.dropout": 0.1, "train.seed": 5})
+    model_cfg = RetroConfig.from_config(config.model, config.database.chunk_len)
+    setup = TrainSetup.create(lambda rngs: Retro(model_cfg, rngs=rngs),
+                              make_optimizer(config.train),
+                              make_mesh(config.mesh, devices=jax.devices()[:1]),
+                              logical_axis_rules(config.mesh))
+    state = setup.init(5)
+    state["rng"] = jax.random.fold_in(state["rng"], 123)  # not what init(5) gives
+    ckpt = Checkpointer(tmp_path / "new", async_save=False)
+    save_state(ckpt, setup, state, next_step=1, config=config)
+    restored, _ = restore_state(ckpt, setup)
+    np.testing.assert_array_equal(jax.random.key_data(restored["rng"]),
+                                  jax.random.key_data(state["rng"]))
+
+    old = Checkpointer(tmp_path / "old", async_save=False)
+    params, train = _saveable(setup, state)
+    del train["rng"]
+    old.save(1, params=params, train=train, meta={"next_step": 1, "config": config.to_dict()})
+    restored, _ = restore_state(old, setup)
+    np.testing.assert_array_equal(jax.random.key_data(restored["rng"]),
+                                  jax.random.key_data(setup.init(5)["rng"]))
+    for c in (ckpt, old):
+        c.close()

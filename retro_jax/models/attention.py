@@ -1,4 +1,4 @@
-"""Multi-head attention, split into projection and application so a KV cache fits in later.
+"""Multi-head attention, split into projection and application so a KV cache fits in.
 
 `Attention` owns the weights and exposes three steps:
 
@@ -8,17 +8,19 @@
     ctx = dot_product_attention(q, k, v, mask=..., is_causal=...)
     out = attn.project_output(ctx)       # [..., T, out_dim]
 
-A KV cache for autoregressive decoding (retro_jax/sample) keeps, per decoder layer, the
-rotated `k` and un-rotated `v` of every past position in a `[B, max_len, heads, head_dim]`
-buffer: at step t it calls `project_key_value` on the new token only, applies rotary with
-position t, writes both into the buffer at t (`jax.lax.dynamic_update_slice`), and attends
-the new query (rotated with position t) to the buffer with a mask `positions <= t` (the
-mask replaces `is_causal`). CCA keys/values depend only on the neighbours of a chunk, so
-they are projected once per chunk (`project_key_value` on the encoder output) and reused by
-the m tokens that attend to them.
+Autoregressive decoding (`Retro.decode_step`) keeps, per decoder layer, a `KVCache`: the
+rotated keys and the values of every past position in `[B, S, heads, head_dim]` buffers
+(S = the longest sequence decoded). The self-attention of a new token projects its own
+key/value only, writes them at its position (`KVCache.write`, a `dynamic_update_slice`) and
+attends to the buffers with `cache_mask` (key s visible to a query at position p iff s <= p),
+which replaces `is_causal`: positions not written yet are masked. CCA keys/values depend
+only on the neighbours of a chunk, so they are projected once per chunk and reused by the m
+tokens that attend to them (`cca.NeighbourKV`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,28 @@ class Attention(nnx.Module):
     def project_output(self, ctx: jax.Array) -> jax.Array:
         """`[..., T, heads, head_dim] -> [..., T, out_dim]`."""
         return self.out(ctx)
+
+
+class KVCache(NamedTuple):
+    """Self-attention keys (rotated) and values of every position so far, `[B, S, H, D]`.
+
+    Entries past the last written position are stale (zeros at first): `cache_mask` hides them.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    def write(self, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:
+        """The cache with `k`, `v` `[B, T, H, D]` written at positions start .. start+T-1."""
+        at = (0, start, 0, 0)
+        return KVCache(jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
+                       jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at))
+
+
+def cache_mask(positions: jax.Array, length: int) -> jax.Array:
+    """bool `[1, 1, T, length]`: cache slot s is visible to the query at `positions[t]` iff
+    s <= positions[t] (causal over absolute positions; later slots are not written yet)."""
+    return (jnp.arange(length)[None, :] <= positions[:, None])[None, None]
 
 
 def dot_product_attention(

@@ -24,7 +24,9 @@ class RetroConfig:
     """Every number the model needs. Layer indices are 1-based, as in the paper.
 
     `cca_layers` is resolved (the paper default applied); `()` is the baseline (no CCA, no
-    encoder parameters at all).
+    encoder parameters at all). `dropout` is the drop probability on every residual branch
+    (decoder self-attention, CCA and FFW; encoder self-attention, cross-attention and FFW),
+    applied only when the forward pass is given a `dropout_rng` (training).
     """
 
     vocab_size: int
@@ -47,6 +49,7 @@ class RetroConfig:
     encoder_ffw_dim: int = 3584
     encoder_cross_attend_layers: tuple[int, ...] = (1,)
     encoder_query_conditioning: bool = True
+    dropout: float = 0.0
     dtype: str = "auto"
     remat: str = "none"
 
@@ -61,6 +64,9 @@ class RetroConfig:
             if value not in allowed:
                 raise ValueError(f"RetroConfig.{name}={value!r}: allowed {allowed} "
                                  f"(config key model.{name})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"RetroConfig.dropout={self.dropout!r}: a drop probability in "
+                             "[0, 1) (config key model.dropout)")
         for layer in self.cca_layers:
             if not 1 <= layer <= self.num_layers:
                 raise ValueError(f"RetroConfig.cca_layers={self.cca_layers}: layer {layer} is "
@@ -96,6 +102,7 @@ class RetroConfig:
             encoder_cross_attend_layers=tuple(int(x)
                                               for x in model_cfg.encoder_cross_attend_layers),
             encoder_query_conditioning=bool(model_cfg.encoder_query_conditioning),
+            dropout=float(model_cfg.dropout),
             dtype=str(model_cfg.dtype),
             remat=str(model_cfg.remat),
         )

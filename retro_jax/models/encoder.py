@@ -16,11 +16,14 @@ from flax import nnx
 
 from retro_jax.models.attention import Attention, dot_product_attention
 from retro_jax.models.config import RetroConfig
-from retro_jax.models.layers import DenseGeneral, FeedForward, RMSNorm, rotary
+from retro_jax.models.layers import DenseGeneral, FeedForward, RMSNorm, dropout, fold_in, rotary
 from retro_jax.models.sharding import shard
 
 # [batch * chunks * neighbours, neighbour tokens, width]
 ENC_NAMES = ("batch", "length", "embed")
+# Dropout key tags of an encoder layer's residual branches (the layer's key is
+# fold_in(encoder key, 1-based layer)).
+SELF_ATTENTION_RNG, CROSS_ATTENTION_RNG, FFW_RNG = 0, 1, 2
 
 
 def select_neighbour_parts(neighbours: jax.Array, parts: str, chunk_len: int) -> jax.Array:
@@ -45,6 +48,7 @@ class EncoderLayer(nnx.Module):
         dtype = cfg.compute_dtype
         w = cfg.encoder_width
         self.rope_base = cfg.rope_base
+        self.dropout_rate = cfg.dropout
         self.self_norm = RMSNorm(w, dtype=dtype, rngs=rngs)
         self.self_attention = Attention(w, w, cfg.encoder_heads, cfg.encoder_head_dim, w,
                                         dtype=dtype, rngs=rngs)
@@ -60,8 +64,9 @@ class EncoderLayer(nnx.Module):
         self.ffw = FeedForward(w, cfg.encoder_ffw_dim, cfg.activation, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, key_mask: jax.Array, chunk_h: jax.Array,
-                 num_neighbours: int) -> jax.Array:
-        """x: `[B*L*k, r, w]`; key_mask: bool `[B*L*k, r]`; chunk_h: `[B*L, m, d]`."""
+                 num_neighbours: int, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """x: `[B*L*k, r, w]`; key_mask: bool `[B*L*k, r]`; chunk_h: `[B*L, m, d]`.
+        `dropout_rng` (this layer's key) turns dropout on its residual branches on."""
         n_seq, r, _ = x.shape
         pos = jnp.arange(r)
         h = self.self_norm(x)
@@ -69,7 +74,9 @@ class EncoderLayer(nnx.Module):
         k, v = self.self_attention.project_key_value(h)
         k = rotary(k, pos, self.rope_base)
         ctx = dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
-        x = shard(x + self.self_attention.project_output(ctx), ENC_NAMES)
+        out = dropout(self.self_attention.project_output(ctx), self.dropout_rate,
+                      fold_in(dropout_rng, SELF_ATTENTION_RNG))
+        x = shard(x + out, ENC_NAMES)
 
         if self.cross_attention is not None:
             # All k neighbours of chunk u attend to the same H_u: fold k into the query length
@@ -84,10 +91,12 @@ class EncoderLayer(nnx.Module):
             k = rotary(k, jnp.arange(m), self.rope_base)
             ctx = dot_product_attention(q, k, v)
             ctx = ctx.reshape(n_seq, r, *ctx.shape[-2:])
-            x = shard(x + self.cross_attention.project_output(ctx), ENC_NAMES)
+            out = dropout(self.cross_attention.project_output(ctx), self.dropout_rate,
+                          fold_in(dropout_rng, CROSS_ATTENTION_RNG))
+            x = shard(x + out, ENC_NAMES)
 
-        x = x + self.ffw(self.ffw_norm(x))
-        return shard(x, ENC_NAMES)
+        out = dropout(self.ffw(self.ffw_norm(x)), self.dropout_rate, fold_in(dropout_rng, FFW_RNG))
+        return shard(x + out, ENC_NAMES)
 
 
 class NeighbourEncoder(nnx.Module):
@@ -108,11 +117,12 @@ class NeighbourEncoder(nnx.Module):
         self.final_norm = RMSNorm(cfg.encoder_width, dtype=dtype, rngs=rngs)
 
     def __call__(self, neighbour_emb: jax.Array, neighbour_mask: jax.Array,
-                 decoder_h: jax.Array) -> jax.Array:
+                 decoder_h: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         """Encode the neighbours of every chunk.
 
         neighbour_emb: `[B, L, k, r, d]` (embedded tokens); neighbour_mask: bool `[B, L, k, r]`
-        (False at padding); decoder_h: `[B, n, d]` with n >= L*m (H at the first CCA layer).
+        (False at padding); decoder_h: `[B, n, d]` with n >= L*m (H at the first CCA layer);
+        dropout_rng: the encoder's key (training), None for no dropout.
         Returns `[B, L, k, r, w]`.
         """
         b, n_chunks, k, r, d = neighbour_emb.shape
@@ -126,7 +136,7 @@ class NeighbourEncoder(nnx.Module):
             x = self.input_projection(x)
         x = shard(x, ENC_NAMES)
         key_mask = neighbour_mask.reshape(b * n_chunks * k, r)
-        for layer in self.layers:
-            x = layer(x, key_mask, chunk_h, k)
+        for i, layer in enumerate(self.layers, start=1):
+            x = layer(x, key_mask, chunk_h, k, fold_in(dropout_rng, i))
         x = self.final_norm(x)
         return x.reshape(b, n_chunks, k, r, -1)

@@ -166,6 +166,28 @@ class FeedForward(nnx.Module):
         return self.wo(h)
 
 
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout: each element zeroed with probability `rate`, the rest scaled by
+    1/(1 - rate), so the expectation is unchanged and evaluation needs no rescaling.
+
+    The identity (no random numbers drawn, nothing traced) when `rng` is None (evaluation,
+    sampling) or `rate` is 0.
+    """
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
+def fold_in(rng: jax.Array | None, *tags: int) -> jax.Array | None:
+    """`rng` folded with each of `tags` in turn (a key per dropout site); None stays None."""
+    if rng is None:
+        return None
+    for tag in tags:
+        rng = jax.random.fold_in(rng, tag)
+    return rng
+
+
 def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     """Rotary position embedding (RoFormer), rotate-half form, computed in fp32.
 

@@ -2,14 +2,15 @@
 
 Two decoders with one interface, `feed(tokens, pos, neighbours=None) -> next tokens`:
 
-- `CachedDecoder`: per decoder layer the rotated keys and the values of every past position
-  (`[B, T, H, D]`, T = max_len, written at `pos` with `dynamic_update_slice`); the decoder
-  activations H at the first CCA layer of the current chunk (`[B, m, d]`, what the encoder
-  of the chunk attends to once it completes); per CCA layer the projected (rotated)
-  keys/values of the encoded neighbours of every completed chunk (`[B, T/m, k*2m, H, D]`),
-  so the m tokens that attend to chunk u's neighbours reuse them; and per position the
-  share of CCA attention each neighbour got (`[B, T, k]`, averaged over heads and CCA
-  layers) for attribution.
+- `CachedDecoder`: each token is one `Retro.decode_step` (the model's own blocks, each reading
+  and updating its part of a `DecodeCache`): per decoder layer the rotated keys and the values
+  of every past position (`[B, T, H, D]`, T = max_len, written at `pos`); the decoder
+  activations H at the first CCA layer of the current chunk (`[B, m, d]`, what the encoder of
+  the chunk attends to once it completes); per CCA layer the projected (rotated) keys/values
+  of the encoded neighbours of every completed chunk (`[B, T/m, k*2m, H, D]`), so the m
+  tokens that attend to chunk u's neighbours reuse them. Next to the cache it keeps, per
+  position, the share of CCA attention each neighbour got (`[B, T, k]`, averaged over heads
+  and CCA layers) for attribution.
 - `UncachedDecoder`: the whole model forward over the padded `[B, T]` sequence every token
   (the reference the cached decoder must agree with, and the `--no-cache` baseline).
 
@@ -33,146 +34,36 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from retro_jax.models.attention import attention_weights, dot_product_attention
-from retro_jax.models.encoder import select_neighbour_parts
-from retro_jax.models.layers import rotary
-from retro_jax.models.retro import Retro
+from retro_jax.models.attention import KVCache
+from retro_jax.models.cca import NeighbourKV
+from retro_jax.models.retro import DecodeCache, Retro
 from retro_jax.sample.sampling import choose_tokens
 
-PAD_ID = 0
-Cache = dict[str, jax.Array]
 
+def init_cache(model: Retro, batch: int, max_len: int, num_neighbours: int) -> DecodeCache:
+    """A zeroed `DecodeCache` for `batch` sequences of up to `max_len` tokens.
 
-def init_cache(model: Retro, batch: int, max_len: int, num_neighbours: int) -> Cache:
-    """Zeroed cache buffers for `batch` sequences of up to `max_len` tokens.
-
-    Shapes: k, v `[layers, B, T, H, D]`; with retrieval also h `[B, m, d]` (the current
-    chunk's activations at the first CCA layer, written at pos % m), cca_k, cca_v
-    `[cca layers, B, T/m, k*2m, H, D]`, cca_mask bool `[B, T/m, k*2m]`, share f32 `[B, T, k]`.
+    Shapes: per decoder layer a `KVCache` k, v `[B, T, H, D]`; with retrieval also chunk_h
+    `[B, m, d]` (the current chunk's activations at the first CCA layer, written at pos % m)
+    and per CCA layer a `NeighbourKV` k, v `[B, T/m, k*2m, H, D]`, mask bool `[B, T/m, k*2m]`.
     """
     cfg = model.cfg
     dtype = cfg.compute_dtype
     m = cfg.chunk_len
     if max_len % m:
         raise ValueError(f"max_len={max_len} must be a multiple of the chunk length {m}")
-    cache: Cache = {
-        "k": jnp.zeros((cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim), dtype),
-        "v": jnp.zeros((cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim), dtype),
-    }
-    if cfg.retrieval:
-        kr = num_neighbours * 2 * m
-        n_cca, n_chunks = len(cfg.cca_layers), max_len // m
-        cache.update(
-            h=jnp.zeros((batch, m, cfg.d_model), dtype),
-            cca_k=jnp.zeros((n_cca, batch, n_chunks, kr, cfg.num_heads, cfg.head_dim), dtype),
-            cca_v=jnp.zeros((n_cca, batch, n_chunks, kr, cfg.num_heads, cfg.head_dim), dtype),
-            cca_mask=jnp.zeros((batch, n_chunks, kr), bool),
-            share=jnp.zeros((batch, max_len, num_neighbours), jnp.float32),
-        )
-    return cache
-
-
-def _self_attention_step(block, x, k_cache, v_cache, pos):
-    """x `[B, 1, d]` at position `pos`; caches `[B, T, H, D]` -> (x, k_cache, v_cache)."""
-    positions = pos[None]
-    h = block.attention_norm(x)
-    q = rotary(block.attention.project_query(h), positions, block.rope_base)
-    k, v = block.attention.project_key_value(h)
-    k = rotary(k, positions, block.rope_base)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, pos, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, pos, 0, 0))
-    mask = (jnp.arange(k_cache.shape[1]) <= pos)[None, None, None, :]  # replaces is_causal
-    ctx = dot_product_attention(q, k_cache, v_cache, mask=mask)
-    return x + block.attention.project_output(ctx), k_cache, v_cache
-
-
-def _encode_chunk(model: Retro, neighbours, chunk_h, cache: Cache, u) -> Cache:
-    """Encode one chunk's neighbours and cache their CCA keys/values at chunk index `u`.
-
-    neighbours: int32 `[B, k, 2m]`; chunk_h: `[B, m, d]` (H_u at the first CCA layer).
-    """
-    cfg = model.cfg
-    b, k, r = neighbours.shape
-    tokens = select_neighbour_parts(neighbours[:, None], cfg.neighbour_parts, cfg.chunk_len)
-    mask = tokens != PAD_ID  # [B, 1, k, r]
-    encoded = model.encoder(model.embed(tokens), mask, chunk_h)  # [B, 1, k, r, w]
-    encoded = encoded.reshape(b, 1, k * r, -1)
-    cca_k, cca_v = cache["cca_k"], cache["cca_v"]
-    cca_blocks = [block for block in model.blocks if block.cca is not None]
-    for j, block in enumerate(cca_blocks):
-        kk, vv = block.cca.attention.project_key_value(encoded)  # [B, 1, k*r, H, D]
-        if block.cca.relative_positions:
-            kk = rotary(kk, jnp.tile(jnp.arange(r), k), block.cca.rope_base)
-        at = (j, 0, u, 0, 0, 0)
-        cca_k = jax.lax.dynamic_update_slice(cca_k, kk[None].astype(cca_k.dtype), at)
-        cca_v = jax.lax.dynamic_update_slice(cca_v, vv[None].astype(cca_v.dtype), at)
-    cca_mask = jax.lax.dynamic_update_slice(cache["cca_mask"], mask.reshape(b, 1, k * r),
-                                            (0, u, 0))
-    return {**cache, "cca_k": cca_k, "cca_v": cca_v, "cca_mask": cca_mask}
-
-
-def _cca_step(block, x, cca_k, cca_v, cca_mask, pos, num_neighbours: int):
-    """CCA of the token at `pos` to the cached neighbours of chunk (pos - (m-1)) // m.
-
-    x `[B, 1, d]`; cca_k/v `[B, T/m, k*r, H, D]`; cca_mask `[B, T/m, k*r]`.
-    Returns (x, share `[B, k]` of attention per neighbour, averaged over heads).
-    """
-    cca = block.cca
-    m = cca.chunk_len
-    offset = pos - (m - 1)
-    u = jnp.maximum(offset, 0) // m
-    q = cca.attention.project_query(block.cca_norm(x))  # [B, 1, H, D]
-    if cca.relative_positions:
-        # Query i of the attending chunk sits at offset m-1+i from the start of chunk u.
-        q = rotary(q, (m - 1 + jnp.maximum(offset, 0) % m)[None], cca.rope_base)
-    keys = jax.lax.dynamic_index_in_dim(cca_k, u, axis=1, keepdims=False)  # [B, k*r, H, D]
-    values = jax.lax.dynamic_index_in_dim(cca_v, u, axis=1, keepdims=False)
-    mask = jax.lax.dynamic_index_in_dim(cca_mask, u, axis=1, keepdims=False) & (offset >= 0)
-    key_mask = mask[:, None, None, :]  # [B, 1, 1, k*r]
-    ctx = dot_product_attention(q, keys, values, mask=key_mask)
-    has_any = key_mask.any(axis=-1, keepdims=True)
-    ctx = jnp.where(has_any, ctx, jnp.zeros((), ctx.dtype))
-    x = x + cca.attention.project_output(ctx)
-    weights = attention_weights(q, keys, key_mask)  # [B, H, 1, k*r], zero rows when masked
-    b, heads = weights.shape[:2]
-    share = weights.reshape(b, heads, num_neighbours, -1).sum(-1).mean(1)  # [B, k]
-    return x, share
-
-
-def decode_step(model: Retro, cache: Cache, tokens: jax.Array, pos: jax.Array,
-                neighbours: jax.Array | None = None) -> tuple[jax.Array, Cache]:
-    """Feed `tokens` int32 `[B]` at position `pos`; returns (logits f32 `[B, V]`, cache).
-
-    `neighbours` int32 `[B, k, 2m]`: the neighbours of the chunk that `pos` completes
-    (pos = u*m + m-1); None at every other position.
-    """
-    cfg = model.cfg
-    x = model.embed(tokens[:, None])  # [B, 1, d]
-    ks, vs = cache["k"], cache["v"]
-    cca_index = 0
-    shares = []
-    for layer, block in enumerate(model.blocks, start=1):
-        x, k_l, v_l = _self_attention_step(block, x, ks[layer - 1], vs[layer - 1], pos)
-        ks, vs = ks.at[layer - 1].set(k_l), vs.at[layer - 1].set(v_l)
-        if cfg.retrieval and layer == cfg.first_cca_layer:
-            # H of the current chunk; complete (H_u) when pos is its last token.
-            chunk_h = jax.lax.dynamic_update_slice(
-                cache["h"], x.astype(cache["h"].dtype), (0, pos % cfg.chunk_len, 0))
-            cache = {**cache, "h": chunk_h}
-            if neighbours is not None:
-                cache = _encode_chunk(model, neighbours, chunk_h, cache, pos // cfg.chunk_len)
-        if block.cca is not None:
-            x, share = _cca_step(block, x, cache["cca_k"][cca_index], cache["cca_v"][cca_index],
-                                 cache["cca_mask"], pos, cache["share"].shape[-1])
-            shares.append(share)
-            cca_index += 1
-        x = block.feed_forward(x)
-    cache = {**cache, "k": ks, "v": vs}
-    if shares:
-        mean_share = jnp.mean(jnp.stack(shares), axis=0)[:, None, :]  # [B, 1, k]
-        cache["share"] = jax.lax.dynamic_update_slice(cache["share"], mean_share, (0, pos, 0))
-    logits = model.logits(model.final_norm(x))[:, 0]
-    return logits, cache
+    heads = (cfg.num_heads, cfg.head_dim)
+    layers = tuple(KVCache(jnp.zeros((batch, max_len) + heads, dtype),
+                           jnp.zeros((batch, max_len) + heads, dtype))
+                   for _ in range(cfg.num_layers))
+    if not cfg.retrieval:
+        return DecodeCache(layers, None, ())
+    kr, n_chunks = num_neighbours * 2 * m, max_len // m
+    cca = tuple(NeighbourKV(jnp.zeros((batch, n_chunks, kr) + heads, dtype),
+                            jnp.zeros((batch, n_chunks, kr) + heads, dtype),
+                            jnp.zeros((batch, n_chunks, kr), bool))
+                for _ in cfg.cca_layers)
+    return DecodeCache(layers, jnp.zeros((batch, m, cfg.d_model), dtype), cca)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,12 +83,20 @@ class SamplingSettings:
 
 # Module-level compiled steps, keyed by (graph, settings, shapes): decoders of the same model
 # and sizes share the compiled programs.
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _cached_step(graphdef, settings: SamplingSettings, state, cache, tokens, pos, base_key,
-                 neighbours):
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 4))
+def _cached_step(graphdef, settings: SamplingSettings, state, cache: DecodeCache, shares,
+                 tokens, pos, base_key, neighbours):
+    """One `decode_step` and the choice of the next tokens; `shares` f32 `[B, T, k]` (None
+    for the baseline) gets this position's CCA attention shares, averaged over CCA layers."""
     model = nnx.merge(graphdef, state)
-    logits, cache = decode_step(model, cache, tokens, pos, neighbours)
-    return settings.choose(logits, base_key, pos), logits, cache
+    if shares is None:
+        logits, cache = model.decode_step(tokens, pos, cache, neighbours)
+    else:
+        logits, cache, per_layer = model.decode_step(tokens, pos, cache, neighbours,
+                                                     return_cca_attention=True)
+        mean_share = jnp.mean(jnp.stack(list(per_layer.values())), axis=0)[:, None, :]
+        shares = jax.lax.dynamic_update_slice(shares, mean_share, (0, pos, 0))
+    return settings.choose(logits, base_key, pos), logits, cache, shares
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -233,6 +132,8 @@ class CachedDecoder(_Decoder):
 
     def reset(self) -> None:
         self.cache = init_cache(self._model, self.batch, self.max_len, self.num_neighbours)
+        self.shares = (jnp.zeros((self.batch, self.max_len, self.num_neighbours), jnp.float32)
+                       if self.cfg.retrieval else None)
 
     def feed(self, tokens: Any, pos: int, neighbours: Any | None = None, *,
              need_output: bool = True) -> jax.Array:
@@ -243,8 +144,8 @@ class CachedDecoder(_Decoder):
             raise ValueError(f"position {pos} outside the cache [0, {self.max_len})")
         if neighbours is not None:
             neighbours = jnp.asarray(neighbours, jnp.int32)
-        next_tokens, self.last_logits, self.cache = _cached_step(
-            self._graphdef, self._settings, self._state, self.cache,
+        next_tokens, self.last_logits, self.cache, self.shares = _cached_step(
+            self._graphdef, self._settings, self._state, self.cache, self.shares,
             jnp.asarray(tokens, jnp.int32), jnp.int32(pos), self._base_key, neighbours)
         return next_tokens
 
@@ -253,8 +154,7 @@ class CachedDecoder(_Decoder):
         `length`), the mean over its tokens of each neighbour of chunk u's share of CCA
         attention (summed over the neighbour's 2m tokens, averaged over heads and CCA layers).
         Rows of chunks without neighbours (or without attending tokens yet) are zero."""
-        return _shares_from_positions(np.asarray(self.cache["share"]), self.cfg.chunk_len,
-                                      length)
+        return _shares_from_positions(np.asarray(self.shares), self.cfg.chunk_len, length)
 
 
 def _shares_from_positions(per_position: np.ndarray, m: int, length: int) -> np.ndarray:

@@ -1,6 +1,8 @@
 """From checkpoints to train states and models: resume, initialise from a baseline, load.
 
-  save_state / restore_state   the full train state <-> a checkpoint (exact resumption)
+  save_state / restore_state   the full train state <-> a checkpoint (exact resumption: the
+                                dropout key and the step are stored, dropout masks derive
+                                from them)
   init_from_baseline            retrofitting (paper section 4.2): copy a trained baseline's
                                 decoder into a fresh RETRO state; CCA + encoder stay fresh
   load_trained_model            the latest checkpoint of a run as a Retro module (eval, sample)
@@ -27,7 +29,7 @@ from retro_jax.models.config import RetroConfig
 from retro_jax.models.retro import Retro
 from retro_jax.models.sharding import axis_rules, logical_axis_rules, make_mesh
 from retro_jax.train.checkpoint import Checkpointer, resolve_checkpoint_dir
-from retro_jax.train.state import TrainSetup, variable_shardings
+from retro_jax.train.state import DROPOUT_STREAM, TrainSetup, variable_shardings
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,8 @@ def _data_to_keys(tree: Any, like: Any) -> Any:
 # ------------------------------------------------------------- train states
 def _saveable(setup: TrainSetup, state: dict) -> tuple[dict, dict]:
     params = nnx.to_pure_dict(setup.full_params(state))
-    train = {"step": state["step"], "opt_state": state["opt_state"],
+    train = {"step": state["step"], "rng": jax.random.key_data(state["rng"]),
+             "opt_state": state["opt_state"],
              "rest": _keys_to_data(nnx.to_pure_dict(state["rest"]))}
     return params, train
 
@@ -81,9 +84,29 @@ def restore_state(ckpt: Checkpointer, setup: TrainSetup, step: int | None = None
     abstract_rest = jax.eval_shape(lambda r: _keys_to_data(nnx.to_pure_dict(r)), abstract["rest"])
     abstract_rest = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract_rest)
+    abstract_rng = jax.eval_shape(jax.random.key_data, abstract["rng"])
     abstract_train = {"step": abstract["step"], "opt_state": abstract["opt_state"],
-                      "rest": abstract_rest}
-    restored = ckpt.restore(step, abstract_params=abstract_params, abstract_train=abstract_train)
+                      "rest": abstract_rest,
+                      "rng": jax.ShapeDtypeStruct(abstract_rng.shape, abstract_rng.dtype,
+                                                  sharding=replicated)}
+    try:
+        restored = ckpt.restore(step, abstract_params=abstract_params,
+                                abstract_train=abstract_train)
+        rng = jax.random.wrap_key_data(restored["train"]["rng"])  # the default impl, as init
+    except ValueError as error:
+        # Checkpoints written before the dropout key was saved have no train/rng: use the
+        # key a fresh run with the checkpoint's train.seed starts from.
+        del abstract_train["rng"]
+        try:
+            restored = ckpt.restore(step, abstract_params=abstract_params,
+                                    abstract_train=abstract_train)
+        except ValueError:
+            raise error from None
+        seed = int(restored["meta"].get("config", {}).get("train", {}).get("seed", 0))
+        log.warning("checkpoint %s has no dropout key: derived from train.seed=%d",
+                    restored["meta"].get("next_step"), seed)
+        rng = jax.device_put(jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM),
+                             replicated)
     full = nnx.merge_state(abstract["params"], abstract["frozen"])
     nnx.replace_by_pure_dict(full, restored["params"])
     params, frozen = nnx.split_state(full, setup.filters[0], nnx.Param)
@@ -91,7 +114,7 @@ def restore_state(ckpt: Checkpointer, setup: TrainSetup, step: int | None = None
     if jax.tree.leaves(abstract_rest):
         nnx.replace_by_pure_dict(rest, _data_to_keys(restored["train"]["rest"],
                                                      nnx.to_pure_dict(abstract["rest"])))
-    state = {"step": restored["train"]["step"], "params": params, "frozen": frozen,
+    state = {"step": restored["train"]["step"], "rng": rng, "params": params, "frozen": frozen,
              "rest": rest, "opt_state": restored["train"]["opt_state"]}
     return state, restored["meta"]
 

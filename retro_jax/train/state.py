@@ -4,6 +4,8 @@ The NNX model is split once into a static `graphdef` and pytrees of variables:
 
     state = {
       "step":      int32 []              updates applied so far
+      "rng":       PRNG key []           the dropout base key (from train.seed); step s,
+                                         micro-batch i drops with fold_in(fold_in(rng, s), i)
       "params":    nnx.State             trainable parameters (all, or CCA + encoder when
                                          retrofitting)
       "frozen":    nnx.State             frozen parameters (the decoder when retrofitting;
@@ -16,6 +18,10 @@ so `jax.jit` sees plain pytrees: every leaf gets an explicit `NamedSharding` (pa
 their logical axis names through the rule table, optimiser moments like their parameter,
 scalars replicated), and the state argument is donated, so a step updates it in place.
 Inside the step the model is rebuilt with `nnx.merge` (free: it only wraps the arrays).
+
+Dropout keys are a pure function of (rng, step, micro-batch): nothing random is carried from
+step to step, so a run resumed from a checkpoint (which stores rng and step) draws the same
+masks as an uninterrupted one. With `model.dropout` 0 the step derives no key at all.
 """
 
 from __future__ import annotations
@@ -36,16 +42,23 @@ from retro_jax.models.sharding import Rules, axis_rules, batch_sharding, state_p
 
 BATCH_KEYS = ("inputs", "targets", "neighbours")
 ModelFn = Callable[[nnx.Rngs], nnx.Module]
-LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, jax.Array]]
+# loss_fn(model, batch, dropout_rng=None): the train step passes a key when dropout is on.
+LossFn = Callable[..., tuple[jax.Array, jax.Array]]
+# The dropout base key is fold_in(init key, DROPOUT_STREAM): nnx.Rngs(init key) draws the
+# initializers' keys as fold_in(init key, 0, 1, 2, ...), far below this tag.
+DROPOUT_STREAM = 0x44524F50  # "DROP"
 
 
-def model_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
+def model_loss(model: nnx.Module, batch: dict, dropout_rng: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     """(sum of token NLL in nats, number of scored tokens) of `batch`; padding not scored.
 
     Uses the model's final hidden states and output matrix with the blockwise
     `chunked_cross_entropy`, so the `[B, n, V]` logits never exist at once.
+    `dropout_rng`: training mode (dropout on, at the model's rate).
     """
-    hidden = model.hidden_states(batch["inputs"], batch.get("neighbours"))
+    hidden = model.hidden_states(batch["inputs"], batch.get("neighbours"),
+                                 dropout_rng=dropout_rng)
     return chunked_cross_entropy(hidden, model.output_weights(), batch["targets"])
 
 
@@ -77,6 +90,8 @@ class TrainSetup:
       abstract_state: the train state as ShapeDtypeStructs carrying their shardings.
       state_shardings: the same tree of NamedShardings (jit in/out shardings).
       filters: the split filters (trainable, other parameters, everything else).
+      dropout: the model's dropout rate (`model.cfg.dropout`, 0 for a model without one);
+        the train step derives dropout keys only when it is > 0.
     """
 
     model_fn: ModelFn
@@ -87,6 +102,7 @@ class TrainSetup:
     graphdef: Any
     abstract_state: dict
     state_shardings: dict
+    dropout: float = 0.0
 
     @classmethod
     def create(cls, model_fn: ModelFn, optimizer: optax.GradientTransformation, mesh: Mesh,
@@ -104,11 +120,15 @@ class TrainSetup:
             optimizer, lambda _, s: s, abstract_opt, var_shardings["params"],
             transform_non_params=lambda _: replicated,
         )
-        shardings = {"step": replicated, **var_shardings, "opt_state": opt_shardings}
-        abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+        shardings = {"step": replicated, "rng": replicated, **var_shardings,
+                     "opt_state": opt_shardings}
+        abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32),
+                    "rng": jax.eval_shape(lambda: jax.random.key(0)), "params": params,
                     "frozen": frozen, "rest": rest, "opt_state": abstract_opt}
         abstract = _with_sharding(abstract, shardings)
-        return cls(model_fn, optimizer, mesh, rules, filters, graphdef, abstract, shardings)
+        dropout = float(getattr(getattr(abstract_model, "cfg", None), "dropout", 0.0))
+        return cls(model_fn, optimizer, mesh, rules, filters, graphdef, abstract, shardings,
+                   dropout)
 
     # ------------------------------------------------------------------ init
     def init(self, seed: int) -> dict:
@@ -117,8 +137,9 @@ class TrainSetup:
         def init_fn(key):
             model = self.model_fn(nnx.Rngs(key))
             _, params, frozen, rest = nnx.split(model, *self.filters)
-            return {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": frozen,
-                    "rest": rest, "opt_state": self.optimizer.init(params)}
+            return {"step": jnp.zeros((), jnp.int32),
+                    "rng": jax.random.fold_in(key, DROPOUT_STREAM), "params": params,
+                    "frozen": frozen, "rest": rest, "opt_state": self.optimizer.init(params)}
 
         with jax.set_mesh(self.mesh), axis_rules(self.rules):
             return jax.jit(init_fn, out_shardings=self.state_shardings)(
@@ -146,13 +167,17 @@ class TrainSetup:
         micro-batch i mod A, so each device keeps its own rows) scanned with lax.scan; the
         gradient is that of the mean NLL over all scored tokens of the whole batch, the same
         as without accumulation.
+        Dropout (when `self.dropout` > 0): micro-batch i of step s uses the key
+        fold_in(fold_in(state["rng"], s), i).
         metrics: loss (mean nats/token), grad_norm (before clipping), lr, tokens.
         """
         graphdef, filters, optimizer = self.graphdef, self.filters, self.optimizer
+        use_dropout = self.dropout > 0
 
-        def forward_sum(params, frozen, rest, micro):
+        def forward_sum(params, frozen, rest, micro, rng):
             model = nnx.merge(graphdef, params, frozen, rest)
-            nll_sum, tokens = loss_fn(model, micro)
+            nll_sum, tokens = (loss_fn(model, micro, dropout_rng=rng) if use_dropout
+                               else loss_fn(model, micro))
             new_rest = nnx.split(model, *filters)[3]
             return nll_sum, (tokens, new_rest)
 
@@ -162,35 +187,46 @@ class TrainSetup:
             batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
             total_tokens = jnp.maximum(jnp.sum(batch["targets"] != 0), 1).astype(jnp.float32)
             params, frozen = state["params"], state["frozen"]
+            # With dropout 0 no key is derived: the program has no random-number ops.
+            step_rng = jax.random.fold_in(state["rng"], state["step"]) if use_dropout else None
 
-            def scaled(p, f, r, micro):
+            def micro_rng(i):
+                return None if step_rng is None else jax.random.fold_in(step_rng, i)
+
+            def scaled(p, f, r, micro, rng):
                 # d(sum_nll / total_tokens) = gradient of the whole batch's mean NLL.
-                (nll, (tok, new_r)), g = value_grad_fn(p, f, r, micro)
+                (nll, (tok, new_r)), g = value_grad_fn(p, f, r, micro, rng)
                 return nll, tok, new_r, jax.tree.map(lambda x: x / total_tokens, g)
 
             if grad_accum == 1:
-                nll_sum, _, rest, grads = scaled(params, frozen, state["rest"], batch)
+                nll_sum, _, rest, grads = scaled(params, frozen, state["rest"], batch,
+                                                 micro_rng(0))
             else:
                 def split(x):  # [B, ...] -> [A, B/A, ...], row i -> micro-batch i % A
                     x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:])
                     return jnp.swapaxes(x, 0, 1)
 
                 micro_batches = jax.tree.map(split, batch)
+                indices = jnp.arange(grad_accum) if use_dropout else None
 
-                def body(carry, micro):
+                def body(carry, xs):
                     acc_grads, acc_nll, rest = carry
-                    nll, _, rest, g = scaled(params, frozen, rest, micro)
+                    micro, i = xs
+                    nll, _, rest, g = scaled(params, frozen, rest, micro,
+                                             None if i is None else micro_rng(i))
                     acc_grads = jax.tree.map(jnp.add, acc_grads, g)
                     return (acc_grads, acc_nll + nll, rest), None
 
                 zeros = jax.tree.map(jnp.zeros_like, params)
                 (grads, nll_sum, rest), _ = jax.lax.scan(
-                    body, (zeros, jnp.zeros((), jnp.float32), state["rest"]), micro_batches)
+                    body, (zeros, jnp.zeros((), jnp.float32), state["rest"]),
+                    (micro_batches, indices))
 
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = optimizer.update(grads, state["opt_state"], params)
             new_state = {
                 "step": state["step"] + 1,
+                "rng": state["rng"],
                 "params": optax.apply_updates(params, updates),
                 "frozen": frozen,
                 "rest": rest,
