@@ -205,8 +205,10 @@ def test_resume_equals_uninterrupted_across_epochs(db):
 
 def test_precomputed_equals_inline(db, tmp_path):
     out = precompute_neighbours(db, "train", tmp_path / "nbrs", num_neighbours=K, overfetch=3,
-                                block_rows=50, num_files=3)
-    assert len(list(out.glob("*.tfrecord"))) == 3
+                                shard_rows=50)
+    num_chunks = len(db.split("train").doc_ids)
+    assert len(list(out.glob("candidates-*.npy"))) == -(-num_chunks // 50)
+    assert not (out / ".build").exists()
     kwargs = dict(seq_len=SEQ, batch_size=4, num_neighbours=K, overfetch=3, seed=11)
     inline = take(make_dataset(db, "train", **kwargs), 4)
     pre = take(make_dataset(db, "train", precomputed_dir=out, **kwargs), 4)
