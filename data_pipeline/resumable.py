@@ -244,11 +244,14 @@ class LocalRunner:
         todo = [u for u in units if done[u.name] is None]
         if todo:
             stage.setup(root)
-            bar = progress(sum(u.size for u in todo), stage.name, stage.unit_label)
+            bar = (progress(sum(u.size for u in todo), stage.name, stage.unit_label)
+                   if len(todo) > 1 or todo[0].size > 1 else None)
             for unit in todo:
                 done[unit.name] = record(unit, root, stage.run(unit, root))
-                bar.update(unit.size)
-            bar.close()
+                if bar is not None:
+                    bar.update(unit.size)
+            if bar is not None:
+                bar.close()
         return done
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,6 +43,7 @@ from data_pipeline.text import ChunkFileWriter, byte_count, chunk_token_ids, kee
 from data_pipeline.text.counting import word_count
 from data_pipeline.text.tokenizer import EOS_ID
 
+log = logging.getLogger("data_pipeline.build")
 CHUNKS_DIR = f"{STATE_DIR}/chunks"
 DEDUP_DIR = f"{STATE_DIR}/dedup_filter"
 TOKENIZE_BATCH = 64  # documents per encode_batch call
@@ -189,6 +191,9 @@ class ReadSourceStage(Stage):
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+        log.info("%s: read %s %s: %d documents, %d kept, %d chunks%s", self.name, rule.split,
+                 args["source"] or "(whole split)", read, kept, chunks,
+                 "" if complete else " (stopped at the cap)")
         return {"documents": read, "kept": kept, "chunks": chunks, "complete": complete}
 
 
