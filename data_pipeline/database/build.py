@@ -53,6 +53,7 @@ from data_pipeline.database.layout import (
     BUILD_TIMES_FILE,
     DEFAULT_SHARD_CHUNKS,
     DOCUMENTS_FILE,
+    FORMAT_VERSION,
     MANIFEST,
     TOKENIZER_FILE,
     partial_path,
@@ -342,6 +343,10 @@ def build_database(
         clock = now
 
     partial = partial_path(db_path)
+    if (partial / MANIFEST).is_file() and not (partial / STATE_DIR).exists() and \
+            json.loads((partial / MANIFEST).read_text()).get("format_version") != FORMAT_VERSION:
+        log.info("%s holds a finished build of another format version; starting over", partial)
+        shutil.rmtree(partial)
     if (partial / MANIFEST).is_file() and not (partial / STATE_DIR).exists():
         log.info("%s holds a finished build that was not renamed; finishing it", partial)
         db = publish(db_path, overwrite=True)
