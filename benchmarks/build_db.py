@@ -26,6 +26,7 @@ processes, imports) is inside its seconds, which is what a small database pays.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -137,8 +138,9 @@ def main() -> None:
         db_path = work / name / "db"
         shutil.rmtree(db_path.parent, ignore_errors=True)
         start = time.perf_counter()
-        db = build_run_database(config, db_path, embedder=make_embedder(args.embedder),
-                                runner=runner)
+        with contextlib.redirect_stdout(sys.stderr):  # the build's summary: not a JSON line
+            db = build_run_database(config, db_path, embedder=make_embedder(args.embedder),
+                                    runner=runner)
         total = time.perf_counter() - start
         times = json.loads((db.path / "build_times.json").read_text())
         splits = db.manifest["splits"]

@@ -56,19 +56,25 @@ class BeamRunner:
       options: Beam pipeline options as one string (split like a shell command line) or a
         list, e.g. "--runner=DirectRunner --direct_num_workers=2
         --direct_running_mode=multi_processing"; empty = Beam's default DirectRunner.
-      part_group: units per element of a FanOutStage (each element loads its part once).
+      units_per_element, parts_per_element: a FanOutStage's element is this many units
+        (query blocks) times this many parts (index shards): its worker loads each part once,
+        computes it for every unit, and merges the element's parts before the shuffle, so
+        the shuffle carries units x parts / parts_per_element partial results and the parts
+        are loaded units / units_per_element times each.
     """
 
     parallel = True
 
-    def __init__(self, options: str | Sequence[str] = "", *, part_group: int = 16):
+    def __init__(self, options: str | Sequence[str] = "", *, units_per_element: int = 16,
+                 parts_per_element: int = 1):
         self.flags = shlex.split(options) if isinstance(options, str) else list(options)
         try:
             PipelineOptions(self.flags).get_all_options(retain_unknown_options=False)
         except SystemExit as e:  # argparse rejects a malformed known option
             raise DataError(f"--beam-options {' '.join(self.flags)!r}: Beam could not parse "
                             "these pipeline options") from e
-        self.part_group = int(part_group)
+        self.units_per_element = max(1, int(units_per_element))
+        self.parts_per_element = max(1, int(parts_per_element))
 
     def __repr__(self) -> str:
         return f"BeamRunner({' '.join(self.flags)!r})"
@@ -101,13 +107,16 @@ class BeamRunner:
         options = PipelineOptions(self.flags)
         with beam.Pipeline(options=options) as pipeline:
             if isinstance(stage, FanOutStage):
-                groups: dict[Any, list[Unit]] = {}
+                # Units with the same parts (in order) are grouped; each element is a block of
+                # units times a block of parts.
+                groups: dict[tuple, list[Unit]] = {}
                 for unit in todo:
-                    for part in stage.parts(unit):
-                        groups.setdefault(part, []).append(unit)
-                elements = [(part, tuple(units[i:i + self.part_group]))
-                            for part, units in groups.items()
-                            for i in range(0, len(units), self.part_group)]
+                    groups.setdefault(tuple(stage.parts(unit)), []).append(unit)
+                u, q = self.units_per_element, self.parts_per_element
+                elements = [(parts[j:j + q], tuple(units[i:i + u]))
+                            for parts, units in groups.items()
+                            for i in range(0, len(units), u)
+                            for j in range(0, len(parts), q)]
                 merged = (pipeline
                           | f"{stage.name}: parts" >> beam.Create(elements)
                           | f"{stage.name}: spread" >> beam.Reshuffle()
@@ -142,7 +151,8 @@ class _RunUnits(beam.DoFn):
 
 
 class _ComputeParts(beam.DoFn):
-    """(part, units) -> (unit name, partial result) for each unit."""
+    """(parts, units) -> (unit name, the unit's partial result merged over the parts) for
+    each unit; each part is computed for every unit before the next part."""
 
     def __init__(self, stage: FanOutStage, root: Path):
         self.stage, self.root = stage, Path(root)
@@ -152,12 +162,17 @@ class _ComputeParts(beam.DoFn):
         self._ready = False
 
     def process(self, element):
-        part, units = element
+        parts, units = element
         if not self._ready:
             self.stage.setup(self.root)
             self._ready = True
-        for unit in units:
-            yield unit.name, self.stage.compute(unit, part, self.root)
+        merged: dict[str, Any] = {}
+        for part in parts:
+            for unit in units:
+                result = self.stage.compute(unit, part, self.root)
+                merged[unit.name] = (result if unit.name not in merged
+                                     else self.stage.merge(merged[unit.name], result))
+        yield from merged.items()
 
 
 class _Merge(beam.CombineFn):

@@ -22,9 +22,10 @@ from typing import Any
 from retro_jax.train.data import retriever_from_config, run_database_path
 
 
-def make_runner(runner: str = "local", beam_options: str = ""):
+def make_runner(runner: str = "local", beam_options: str = "", fanout: str = ""):
     """The stage runner named on the command line: "local" or "beam" (with Beam pipeline
-    options as one string)."""
+    options as one string; `fanout` "UxP": a fan-out element of U query blocks x P index
+    shards, see data_pipeline.beam_runner.BeamRunner)."""
     from data_pipeline.errors import DataError
     from data_pipeline.resumable import LocalRunner
 
@@ -35,7 +36,13 @@ def make_runner(runner: str = "local", beam_options: str = ""):
     if runner == "beam":
         from data_pipeline.beam_runner import BeamRunner
 
-        return BeamRunner(beam_options)
+        units, parts = 16, 1
+        if fanout:
+            try:
+                units, parts = (int(x) for x in fanout.lower().split("x"))
+            except ValueError as e:
+                raise DataError(f"--fanout {fanout!r}: expected UNITSxPARTS, e.g. 256x16") from e
+        return BeamRunner(beam_options, units_per_element=units, parts_per_element=parts)
     raise DataError(f"--runner {runner!r}: expected local or beam")
 
 
@@ -102,7 +109,8 @@ def run_precompute_neighbours(args) -> int:
     from retro_jax.train.data import open_run_database, write_precomputed_neighbours
 
     config = config_from_args(args)
-    runner = make_runner(getattr(args, "runner", "local"), getattr(args, "beam_options", ""))
+    runner = make_runner(getattr(args, "runner", "local"), getattr(args, "beam_options", ""),
+                         getattr(args, "fanout", ""))
     db = open_run_database(config, args.workdir)
     directory = write_precomputed_neighbours(config, db, args.split or "train", runner=runner,
                                              force=bool(getattr(args, "force", False)))

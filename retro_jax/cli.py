@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="recompute even if matching precomputed neighbours exist")
     _add_runner_args(p)
+    p.add_argument("--fanout", default="", metavar="UxP",
+                   help="Beam: each element searches U query blocks against P index shards "
+                        "and merges them before the shuffle (default 16x1; the Pile plan in "
+                        "docs/notes/pile_build_plan.md uses 256x16)")
 
     p = add("train")
     _add_config_args(p)

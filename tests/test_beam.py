@@ -113,12 +113,16 @@ def test_beam_build_equals_the_single_process_build(local_db, beam_db):
 
 
 def test_beam_precomputed_neighbours_equal_inline_retrieval(beam_db, tmp_path):
+    from data_pipeline.beam_runner import BeamRunner
     from data_pipeline.input_pipeline import make_dataset, precompute_neighbours
 
     k, overfetch = 2, 3
+    # 3 query blocks x 3 index shards in elements of 2 x 2: uneven groups, and per-element
+    # merges before the combiner's.
     out = precompute_neighbours(beam_db, "train", tmp_path / "beam", num_neighbours=k,
                                 overfetch=overfetch, shard_rows=200,
-                                runner=make_runner("beam", BEAM_OPTIONS))
+                                runner=BeamRunner(BEAM_OPTIONS, units_per_element=2,
+                                                  parts_per_element=2))
     local = precompute_neighbours(beam_db, "train", tmp_path / "local", num_neighbours=k,
                                   overfetch=overfetch, shard_rows=200)
     files = ["manifest.json", *(f"candidates-{i:05d}.npy" for i in range(3))]  # 500 chunks

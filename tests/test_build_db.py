@@ -307,3 +307,43 @@ def test_a_run_on_a_database_of_another_corpus_is_refused(tmp_path):
         with pytest.raises(DataError, match=r"built from corpus\.kind='jsonl'.*--force"):
             open_run_database(tiny_config(**{"database.path": str(db.path), **other}),
                               tmp_path)
+
+
+# --------------------------------------------------------------------- precompute-neighbours
+def test_precompute_neighbours_command_writes_what_training_reads(tmp_path, capsys):
+    """`retro-jax precompute-neighbours` writes <db>/precomputed/train-k<k>x<o>; training's
+    ensure_precomputed_neighbours then reuses it (no recompute), and recomputes a directory
+    in the old TFRecord format."""
+    from retro_jax.cli import build_parser, main
+    from retro_jax.train.data import ensure_precomputed_neighbours, open_run_database
+
+    args = build_parser().parse_args([
+        "precompute-neighbours", "--config", "x.py", "--workdir", "w", "--runner", "beam",
+        "--beam-options=--runner=DirectRunner --direct_num_workers=2"])
+    assert args.runner == "beam" and args.beam_options.startswith("--runner=DirectRunner")
+    db = make_tiny_database(tmp_path, num_docs=8, eval_docs=2)
+    overrides = {"database.path": str(db.path), "data.num_neighbours": 2, "data.overfetch": 2}
+    experiment = tmp_path / "exp.py"
+    experiment.write_text(textwrap.dedent(f"""
+        from tests._db_fixtures import tiny_config
+
+        def get_config(arg=None):
+            return tiny_config(**{overrides!r})
+    """))
+    sys.path.insert(0, str(REPO))
+    rc = main(["precompute-neighbours", "--config", str(experiment), "--workdir",
+               str(tmp_path / "run")])
+    assert rc == 0, capsys.readouterr().err
+    out = db.path / "precomputed" / "train-k2x2"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["complete"]
+    assert manifest["settings"]["num_candidates"] == 4
+    stamp = (out / "candidates-00000.npy").stat().st_mtime_ns
+    config = tiny_config(**overrides)
+    run_db = open_run_database(config, tmp_path / "run")
+    assert ensure_precomputed_neighbours(config, run_db, "train") == out
+    assert (out / "candidates-00000.npy").stat().st_mtime_ns == stamp  # reused
+    manifest["format_version"] = 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    ensure_precomputed_neighbours(config, run_db, "train")  # old format: recomputed
+    assert json.loads((out / "manifest.json").read_text())["format_version"] == 2
