@@ -161,14 +161,15 @@ def _killed_build(corpus: Path, db_path: Path, event: str) -> None:
 
 def test_killed_beam_build_reruns_to_the_same_checksums(corpus, local_db, tmp_path):
     """Reduced default form: a Beam build killed (driver and workers) after a key block of
-    train shard 1 was written, rerun with Beam; every file equals the single-process build's.
-    The rerun keeps the chunk shards and the finished key blocks (their markers and staging
-    files) and redoes the rest."""
+    train shard 1 was written, rerun (here in one process: either runner resumes the other's
+    build; the slow form reruns on Beam); every file equals the single-process build's. The
+    rerun keeps the chunk shards and the finished key blocks and redoes the rest."""
     db_path = tmp_path / "db"
     _killed_build(corpus, db_path, "keys/train/shard_00001/block_00001/written")
-    done = partial_path(db_path) / ".build" / "done"
-    assert (done / "chunks" / "train" / "shard_00002.json").is_file()
-    resumed = build(corpus, db_path, "beam")
+    build_dir = partial_path(db_path) / ".build"
+    assert (build_dir / "done" / "chunks" / "train" / "shard_00002.json").is_file()
+    assert list((build_dir / "staging" / "keys" / "train").glob("shard_00001-*/block_00001.npy"))
+    resumed = build(corpus, db_path, "local")
     want, got = digests(local_db.path), digests(resumed.path)
     assert got.keys() == want.keys() and [k for k in want if got[k] != want[k]] == []
 
@@ -176,6 +177,7 @@ def test_killed_beam_build_reruns_to_the_same_checksums(corpus, local_db, tmp_pa
 @pytest.mark.slow
 @pytest.mark.parametrize("event", ["chunks/train/source_00002/done",
                                    "chunks/validation/shard_00000/done",
+                                   "keys/train/shard_00001/block_00001/written",
                                    "keys/test/shard_00000/done",
                                    "index/shard_00001/saved",
                                    "finalize/markers_removed"])

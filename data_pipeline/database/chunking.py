@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,17 +79,6 @@ def corpus_cap(corpus) -> int:
     if hasattr(corpus, "sources") and hasattr(corpus, "source_documents"):
         return int(getattr(corpus, "max_documents", -1))
     return -1
-
-
-def _batched(items, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _kept_bytes(tokenizer, kept_ids, full_bytes: int, share: float) -> int:
