@@ -188,3 +188,25 @@ def test_beam_build_killed_anywhere_reruns_to_the_same_checksums(corpus, local_d
     resumed = build(corpus, db_path, "beam")
     want, got = digests(local_db.path), digests(resumed.path)
     assert got.keys() == want.keys() and [k for k in want if got[k] != want[k]] == []
+
+
+@pytest.mark.slow
+def test_bm25_databases_take_the_same_route(corpus, tmp_path):
+    """A bm25 database on Beam (index in the driver, candidate shards on the workers) equals
+    the single-process one, and so do its precomputed neighbours."""
+    from data_pipeline.input_pipeline import precompute_neighbours
+
+    dbs = {}
+    for runner in ("local", "beam"):
+        dbs[runner] = build_run_database(
+            config(corpus, **{"database.retriever": "bm25"}), tmp_path / runner / "db",
+            block_rows=BLOCK,
+            runner=make_runner(runner, BEAM_OPTIONS if runner == "beam" else ""))
+    assert dbs["local"].manifest["retriever"] == "bm25"
+    want, got = digests(dbs["local"].path), digests(dbs["beam"].path)
+    assert got.keys() == want.keys() and [k for k in want if got[k] != want[k]] == []
+    out = {runner: precompute_neighbours(
+        dbs["local"], "train", tmp_path / runner / "neighbours", num_neighbours=2,
+        shard_rows=200, runner=make_runner(runner, BEAM_OPTIONS if runner == "beam" else ""))
+        for runner in ("local", "beam")}
+    assert digests(out["local"]) == digests(out["beam"])
