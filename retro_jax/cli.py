@@ -1,6 +1,8 @@
 """`retro-jax <command>`: the command line.
 
     retro-jax build-db --config experiments/X.py[:ARG] --workdir W [--config.a.b=V ...]
+                       [--runner beam --beam-options="--runner=DirectRunner ..."]
+    retro-jax precompute-neighbours --config ... --workdir W [--runner beam ...]
     retro-jax train    --config ... --workdir W
     retro-jax eval     --config ... --workdir W [--split S] [--neighbours K] [--retrieval on|off]
     retro-jax sample   --workdir W --prompt TEXT [--max-tokens N ...]
@@ -29,6 +31,9 @@ from retro_jax.configs.validate import ConfigError
 COMMANDS = {
     "build-db": ("retro_jax.build_db", "run_build_db",
                  "tokenizer, chunks, frozen-BERT keys and ScaNN index: the retrieval database"),
+    "precompute-neighbours": ("retro_jax.build_db", "run_precompute_neighbours",
+                              "retrieve every training chunk's neighbours once, ahead of "
+                              "training (data.precomputed_neighbours)"),
     "train": ("retro_jax.train.loop", "run_train",
               "train RETRO (or its baseline) on a device mesh, resuming from W"),
     "eval": ("retro_jax.evaluate.runner", "run_eval",
@@ -61,6 +66,17 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="run directory: database, checkpoints, metrics, evaluation results")
 
 
+def _add_runner_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runner", choices=("local", "beam"), default="local",
+                   help="local: every stage in this process; beam: Apache Beam pipelines "
+                        "(install with pip install -e '.[beam]')")
+    p.add_argument("--beam-options", default="", metavar="OPTIONS",
+                   help="Beam pipeline options as one string, e.g. \"--runner=DirectRunner "
+                        "--direct_num_workers=2 --direct_running_mode=multi_processing\" "
+                        "(or --runner=DataflowRunner --project=... --region=... "
+                        "--temp_location=gs://...)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retro-jax",
@@ -80,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--force", action="store_true",
                    help="rebuild even if a complete database exists (a partial one resumes)")
+    _add_runner_args(p)
+
+    p = add("precompute-neighbours")
+    _add_config_args(p)
+    p.add_argument("--split", default="train",
+                   help="the split whose chunks query the database (default: train)")
+    p.add_argument("--force", action="store_true",
+                   help="recompute even if matching precomputed neighbours exist")
+    _add_runner_args(p)
+    p.add_argument("--fanout", default="", metavar="UxP",
+                   help="Beam: each element searches U query blocks against P index shards "
+                        "and merges them before the shuffle (default 16x1; the Pile plan in "
+                        "docs/notes/pile_build_plan.md uses 256x16)")
 
     p = add("train")
     _add_config_args(p)

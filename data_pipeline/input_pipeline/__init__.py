@@ -16,7 +16,8 @@ interface (docs/ARCHITECTURE.md, "data_pipeline/input_pipeline"):
   tables      the chunk arrays as tf.Variables, the per-batch example builder (inputs/targets)
   neighbours  in-graph candidate search (the database's Retriever), the same-document /
               excluded-document filter, and the [neighbour ; continuation] token gather
-  precompute  neighbours written once to sharded TFRecord files and read back
+  precompute  neighbours retrieved once (fanned out over the index shards, on one machine
+              or on Apache Beam) into sharded .npy files, and read back
   checks      database / split / argument checks that fail before the first batch
   device      per-host numpy batches -> global sharded jax.Arrays, prefetched
 """
@@ -37,8 +38,9 @@ from data_pipeline.input_pipeline import checks
 from data_pipeline.input_pipeline.device import DEVICE_FIELDS, DeviceBatchIterator, device_batches
 from data_pipeline.input_pipeline.neighbours import NeighbourRetriever, add_neighbours
 from data_pipeline.input_pipeline.precompute import (
-    compute_blocks,
+    DEFAULT_SHARD_ROWS,
     database_fingerprint,
+    precompute_settings,
     read_precomputed,
     write_precomputed,
 )
@@ -339,27 +341,29 @@ def precompute_neighbours(db: Any, split: str, out_dir: str | os.PathLike, *,
                           exclude_same_document: bool = True,
                           exclude_doc_ids: Collection[int] | None = None,
                           split_db: Any | None = None,
-                          block_rows: int = 4096, num_files: int = 8) -> Path:
-    """Write the candidate neighbour ids of every chunk of `split` to sharded TFRecord files.
+                          shard_rows: int = DEFAULT_SHARD_ROWS, runner: Any = None) -> Path:
+    """Write the candidate neighbour ids of every chunk of `split` to sharded .npy files.
 
     `make_dataset(..., precomputed_dir=out_dir)` with the same k / overfetch / filters then
     yields exactly the batches of inline retrieval, for any seed, packing and sequence length.
+    `runner`: LocalRunner() (default: this process) or a data_pipeline.beam_runner.BeamRunner
+    (the query blocks fanned out over the index shards on Beam workers); the files are the
+    same byte for byte.
     """
-    source = split_db if split_db is not None else db
     checks.check_database(db, expect_chunk_len=None, expect_tokenizer_sha256=None,
                           split_db=split_db)
     if num_neighbours <= 0:
         raise DataError(f"precompute_neighbours: num_neighbours={num_neighbours}; "
                                "nothing to precompute with retrieval off")
     checks.check_split_db_retriever(db, split_db)
-    split_table = _chunk_table(source, split, with_queries=True)
-    retriever = _retriever(db, num_neighbours=num_neighbours, overfetch=overfetch,
-                           exclude_same_document=_same_document_filter(
-                               exclude_same_document, db, split_db),
-                           exclude_doc_ids=exclude_doc_ids, need_search=True)
-    return write_precomputed(
-        out_dir, split=split, candidate_blocks=compute_blocks(retriever, split_table,
-                                                                  block_rows),
-        num_chunks=split_table.num_chunks, settings=retriever.settings,
-        fingerprint=database_fingerprint(db, retriever.database.num_chunks),
-        block_rows=block_rows, num_files=num_files)
+    source = split_db if split_db is not None else db
+    checks.check_neighbours(db=db, num_neighbours=num_neighbours,
+                            num_db_chunks=int(db.manifest["splits"]["train"]["num_chunks"]))
+    checks.split_arrays(source, split, need_queries=True)
+    settings = precompute_settings(db, num_neighbours=num_neighbours, overfetch=overfetch,
+                                   exclude_same_document=_same_document_filter(
+                                       exclude_same_document, db, split_db),
+                                   exclude_doc_ids=exclude_doc_ids)
+    return write_precomputed(db, split, out_dir, settings=settings,
+                             split_db=None if split_db is db else split_db,
+                             shard_rows=shard_rows, runner=runner)

@@ -66,7 +66,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.database = ml_collections.ConfigDict()
     c.database.path = ""  # "" = <workdir>/db
     c.database.chunk_len = 64  # m
-    c.database.shard_chunks = 4_000_000  # chunks per index shard (contiguous chunk ids)
+    c.database.shard_chunks = 4_000_000  # chunks per shard of every array, and per index shard
     c.database.max_chunks = -1  # cap on database chunks; -1 = the whole train split
     c.database.max_eval_chunks = -1  # cap on validation/test chunks (whole docs); -1 = max_chunks
     c.database.max_document_chunks = -1  # keep only each train document's first N chunks

@@ -37,8 +37,7 @@ def retriever_from_config(config, *, embedder: Any = None, block_rows: int | Non
                                 max_wordpieces=int(e.max_wordpieces), dtype=str(e.dtype))
     return make_retriever(str(config.database.retriever),
                           embedder=embedder if embedder is not None else settings,
-                          index=config.index.to_dict(),
-                          shard_chunks=int(config.database.shard_chunks), block_rows=block_rows)
+                          index=config.index.to_dict(), block_rows=block_rows)
 
 
 def open_run_database(config, workdir: str | Path, *, retriever: Any = None):
@@ -110,23 +109,66 @@ def pipeline_batches(config, db, mesh, rules, split: str = "train", *, shuffle: 
     return factory
 
 
+def precomputed_dir(config, db, split: str) -> Path:
+    """Where the precomputed neighbours of `split` live: `<db>/precomputed/<split>-k<k>x<o>`."""
+    k, overfetch = config.data.num_neighbours, config.data.overfetch
+    return Path(db.path) / "precomputed" / f"{split}-k{k}x{overfetch}"
+
+
+def _precomputed_problem(config, db, split: str) -> str | None:
+    """Why the precomputed neighbours of `split` cannot be used as they are (None: they can)."""
+    from data_pipeline.errors import DataError
+    from data_pipeline.input_pipeline.precompute import (
+        check_precomputed,
+        database_fingerprint,
+        precompute_settings,
+    )
+
+    directory = precomputed_dir(config, db, split)
+    settings = precompute_settings(db, num_neighbours=config.data.num_neighbours,
+                                   overfetch=config.data.overfetch, exclude_same_document=True,
+                                   exclude_doc_ids=None)
+    try:
+        check_precomputed(directory, split=split,
+                          num_chunks=int(db.manifest["splits"][split]["num_chunks"]),
+                          settings=settings,
+                          fingerprint=database_fingerprint(
+                              db, int(db.manifest["splits"]["train"]["num_chunks"])))
+    except DataError as e:
+        return str(e)
+    return None
+
+
+def write_precomputed_neighbours(config, db, split: str, *, runner: Any = None,
+                                 force: bool = False) -> Path:
+    """Retrieve the neighbours of every chunk of `split` once (`runner`: LocalRunner or a
+    BeamRunner) into `precomputed_dir`, unless matching ones are there (or `force`)."""
+    from data_pipeline.input_pipeline import precompute_neighbours
+
+    directory = precomputed_dir(config, db, split)
+    problem = _precomputed_problem(config, db, split)
+    if problem is None and not force:
+        log.info("precomputed neighbours of the %s split are in %s", split, directory)
+        return directory
+    log.info("precomputing the neighbours of the %s split into %s", split, directory)
+    return precompute_neighbours(db, split, directory, num_neighbours=config.data.num_neighbours,
+                                 overfetch=config.data.overfetch, exclude_same_document=True,
+                                 runner=runner)
+
+
 def ensure_precomputed_neighbours(config, db, split: str) -> Path:
-    """`<db>/precomputed/<split>-k<k>x<overfetch>`: neighbour ids of every chunk of `split`,
-    retrieved once (process 0, the first time) instead of inline in every epoch."""
+    """`precomputed_dir`: neighbour ids of every chunk of `split`, retrieved once (process 0,
+    the first time, in this process) instead of inline in every epoch; written ahead of
+    training at scale with `retro-jax precompute-neighbours --runner beam`, in which case
+    training reads them and never opens the index."""
     import jax
 
-    from data_pipeline.input_pipeline import precompute_neighbours
     from retro_jax.train.multihost import sync
 
-    k, overfetch = config.data.num_neighbours, config.data.overfetch
-    directory = Path(db.path) / "precomputed" / f"{split}-k{k}x{overfetch}"
-    if jax.process_index() == 0 and not (directory / "DONE").is_file():
-        log.info("precomputing the neighbours of the %s split into %s", split, directory)
-        precompute_neighbours(db, split, directory, num_neighbours=k, overfetch=overfetch,
-                              exclude_same_document=True)
-        (directory / "DONE").write_text("ok\n")
+    if jax.process_index() == 0:
+        write_precomputed_neighbours(config, db, split)
     sync(f"precomputed-{split}")
-    return directory
+    return precomputed_dir(config, db, split)
 
 
 def to_global(batch: dict, setup, keys: tuple[str, ...]) -> dict:
