@@ -11,6 +11,15 @@ blocks so the [B, n, V] logits (8 GB at B=8, n=2048, V=128k in fp32) never exist
 The model is split once into graphdef + state; the jitted function merges them back inside
 the trace (free). Batches are placed on the mesh with the batch dimension sharded as the rule
 table says when the mesh divides it, else replicated.
+
+Several processes (a pod slice): each process passes its own rows (its share of the windows,
+[b, ...] with the same b everywhere) and gets its own rows back. The global batch is the
+processes' rows side by side ([P x b, ...]); when the batch sharding gives every process one
+contiguous block of rows (the rule table's batch axes span the processes, as with the default
+(data, fsdp)), each process's rows go straight to its devices
+(`jax.make_array_from_process_local_data`) and come back from its addressable shards;
+otherwise (a batch replicated across processes) the rows are all-gathered first and every
+process feeds the whole batch.
 """
 
 from __future__ import annotations
@@ -107,21 +116,99 @@ def _new_scorer(model, *, mesh, rules, with_hidden: bool, block_len: int) -> Sco
             stack.enter_context(axis_rules(rules))
         return stack
 
-    def place(x):
-        if x is None or mesh is None:
-            return x
-        return jax.device_put(x, _batch_sharding(mesh, rules, np.ndim(x), np.shape(x)[0]))
+    placement = BatchPlacement(mesh, rules)
 
     def scorer(inputs, neighbours, targets):
         with context():
-            log_probs, hidden = forward(state, place(np.asarray(inputs, np.int32)),
-                                        place(None if neighbours is None
-                                              else np.asarray(neighbours, np.int32)),
-                                        place(np.asarray(targets, np.int32)))
-            return (np.asarray(log_probs),
-                    None if hidden is None else np.asarray(hidden))
+            log_probs, hidden = forward(state, placement.put(np.asarray(inputs, np.int32)),
+                                        placement.put(None if neighbours is None
+                                                      else np.asarray(neighbours, np.int32)),
+                                        placement.put(np.asarray(targets, np.int32)))
+            return placement.get(log_probs), placement.get(hidden)
 
     return scorer
+
+
+class BatchPlacement:
+    """Host rows [b, ...] <-> global batch arrays on `mesh` (see the module docstring).
+
+    `put` places one process's rows; `get` returns this process's rows of a result whose
+    leading axis is the global batch. With one process: `jax.device_put` and `np.asarray`.
+    """
+
+    def __init__(self, mesh, rules):
+        self.mesh, self.rules = mesh, rules
+        self.rows: tuple[int, int] | None = None  # this process's rows of the last batch put
+        self._layouts: dict[tuple, int | None] = {}
+
+    def put(self, x):
+        if x is None or self.mesh is None:
+            return x
+        if jax.process_count() == 1:
+            return jax.device_put(x, _batch_sharding(self.mesh, self.rules, x.ndim, x.shape[0]))
+        count, index = jax.process_count(), jax.process_index()
+        b = x.shape[0]
+        global_shape = (b * count, *x.shape[1:])
+        sharding = _batch_sharding(self.mesh, self.rules, x.ndim, global_shape[0])
+        key = (global_shape, sharding.spec)
+        if key not in self._layouts:
+            self._layouts[key] = process_row_start(sharding, global_shape)
+        start = self._layouts[key]
+        if start is not None:
+            self.rows = (start, start + b)
+            return jax.make_array_from_process_local_data(sharding, x, global_shape)
+        from retro_jax.train.multihost import allgather_host_arrays
+
+        full = allgather_host_arrays({"x": x})["x"].reshape(global_shape)
+        self.rows = (index * b, (index + 1) * b)
+        return jax.make_array_from_callback(global_shape, sharding, lambda idx: full[idx])
+
+    def get(self, y):
+        if y is None:
+            return None
+        if self.mesh is None or jax.process_count() == 1:
+            return np.asarray(y)
+        lo, hi = self.rows
+        out = np.empty((hi - lo, *y.shape[1:]), y.dtype)
+        covered = np.zeros(hi - lo, bool)
+        for shard in y.addressable_shards:
+            rows, *rest = shard.index
+            if any(r != slice(None) and r.indices(n) != (0, n, 1)
+                   for r, n in zip(rest, y.shape[1:])):
+                break  # sharded beyond the batch axis: gather instead
+            start, stop, _ = rows.indices(y.shape[0])
+            a, z = max(start, lo), min(stop, hi)
+            if a < z:
+                out[a - lo:z - lo] = np.asarray(shard.data)[a - start:z - start]
+                covered[a - lo:z - lo] = True
+        else:
+            if covered.all():
+                return out
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(y, tiled=True))[lo:hi]
+
+
+def process_row_start(sharding, global_shape) -> int | None:
+    """The first global row of this process's block when `sharding` gives every process one
+    contiguous block of global_shape[0] / process_count rows (disjoint), else None."""
+    count = jax.process_count()
+    per = global_shape[0] // count
+    rows_by_process: dict[int, set[int]] = {}
+    for device, index in sharding.devices_indices_map(tuple(global_shape)).items():
+        start, stop, step = index[0].indices(global_shape[0]) if index else (0, 1, 1)
+        if step != 1:
+            return None
+        rows_by_process.setdefault(device.process_index, set()).update(range(start, stop))
+    starts = {}
+    for process, rows in rows_by_process.items():
+        lo = min(rows)
+        if len(rows) != per or max(rows) != lo + per - 1:
+            return None
+        starts[process] = lo
+    if len(set(starts.values())) != count:
+        return None
+    return starts.get(jax.process_index())
 
 
 def _batch_sharding(mesh, rules, ndim: int, batch: int):
