@@ -111,6 +111,10 @@ def topology_devices(topology: str) -> list:
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
     except Exception as e:  # the TPU plugin raises RuntimeError/ValueError/XlaRuntimeError
+        if "lockfile" in str(e):
+            raise TopologyUnavailable(
+                f"libtpu is in use by another process ({e}): it admits one process at a time "
+                "(/tmp/libtpu_lockfile); wait for the other compile to end") from e
         raise TopologyUnavailable(f"cannot describe TPU topology {topology!r}: {e}. "
                                   "Names look like v5p:2x2x4 (v5p-32), v4:2x2x2, v5e:4x4") from e
     return list(desc.devices)
