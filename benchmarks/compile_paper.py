@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -104,6 +105,7 @@ def compile_one(python: str, entry: dict, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "TF_CPP_MIN_LOG_LEVEL": "2"}
     t0 = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=timeout)
@@ -111,6 +113,8 @@ def compile_one(python: str, entry: dict, timeout: float) -> dict:
         return {**entry, "status": "timeout", "timeout_s": timeout,
                 "wall_seconds": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     report = None
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
@@ -121,9 +125,11 @@ def compile_one(python: str, entry: dict, timeout: float) -> dict:
                 pass
     if report is None or proc.returncode not in (0, 1):
         return {**entry, "status": "error", "returncode": proc.returncode,
-                "wall_seconds": wall, "stderr_tail": proc.stderr[-2000:]}
+                "wall_seconds": wall, "process_cpu_seconds": cpu,
+                "stderr_tail": proc.stderr[-2000:]}
     status = "ok" if report.get("fits") else "does_not_fit"
-    return {**entry, **report, "status": status, "wall_seconds": wall}
+    return {**entry, **report, "status": status, "wall_seconds": wall,
+            "process_cpu_seconds": cpu, "load_average": os.getloadavg()[0]}
 
 
 def _gib(x) -> str:
@@ -132,7 +138,7 @@ def _gib(x) -> str:
 
 def markdown_table(records: list[dict]) -> str:
     """The docs/benchmarks.md table of compile records (blank cells: not measured)."""
-    head = ["config", "slice (topology)", "status", "compile s", "params GiB/dev",
+    head = ["config", "slice (topology)", "status", "compile s (CPU s)", "params GiB/dev",
             "optimiser GiB/dev", "temporaries GiB/dev", "total GiB/dev (of HBM)",
             "XLA FLOPs/step/dev", "model FLOPs/step", "predicted step ms", "predicted MFU"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -147,7 +153,8 @@ def markdown_table(records: list[dict]) -> str:
         cells = [
             r["config"].removeprefix("experiments/paper/"), f"{r['slice']} ({r['topology']})",
             status,
-            "" if r.get("compile_seconds") is None else f"{r['compile_seconds']:.0f}",
+            "" if r.get("compile_seconds") is None else f"{r['compile_seconds']:.0f}"
+            + (f" ({r['compile_cpu_seconds']:.0f})" if r.get("compile_cpu_seconds") else ""),
             _gib(r.get("bytes_params_per_device")), _gib(r.get("bytes_optimizer_per_device")),
             _gib(r.get("bytes_temp_per_device")),
             _gib(total) + (f" ({100 * total / hbm:.0f}%)" if total and hbm else ""),

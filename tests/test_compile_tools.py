@@ -43,6 +43,10 @@ def test_prediction_is_a_roofline():
     report["xla_bytes_accessed_per_device"] = 100.0  # 10 s of HBM traffic > 5 s of FLOPs
     p = predict_step(report, chip)
     assert p["predicted_step_seconds"] == 10.0 and p["predicted_bound"] == "hbm bandwidth"
+    # XLA counting less than the model (a loop body counted once): the model's FLOPs rule.
+    report.update({"xla_flops_per_device": 100.0, "xla_bytes_accessed_per_device": 0.0})
+    p = predict_step(report, chip)
+    assert p["predicted_compute_seconds"] == 1600 / 4 / 100 and p["model_to_xla_flops"] == 4.0
 
 
 @pytest.fixture(scope="module")

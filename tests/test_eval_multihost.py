@@ -230,6 +230,19 @@ def test_eval_batch_is_rounded_to_processes_and_batch_shards():
     assert eval_batch_size(9, mesh, rules, process_count=2) == 12
 
 
+def test_process_row_layout_one_process():
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from retro_jax.evaluate.scoring import process_row_layout
+
+    mesh = jax.make_mesh((8,), ("data",), devices=jax.devices()[:8])
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    assert process_row_layout(sharded, (8, 3)) == (0, 1)  # one row per device: local
+    assert process_row_layout(sharded, (16, 3)) == (0, 2)
+    assert process_row_layout(NamedSharding(mesh, PartitionSpec()), (8, 3)) == (0, 8)
+
+
 def test_allgather_host_arrays_single_process_is_exact():
     from retro_jax.train.multihost import allgather_host_arrays, gather_shares, process_share
 
@@ -262,7 +275,10 @@ def test_two_processes_pile_modes_and_replicated_batch(tmp_path, cache_dir):
                                 run / "eval" / "validation-off.json", cache_dir)
     assert off["overall"]["tokens"] == on["overall"]["tokens"]
     assert off["overall"]["nll"] != on["overall"]["nll"]
-    assert_same_result(["--config", str(exp_base), "--workdir", str(base), "--split", "test"],
+    # Two windows per device (global batch 16 on 8 devices): the rows are gathered and laid
+    # out in one process's order, so every device sees what it would in one process.
+    assert_same_result(["--config", str(exp_base), "--workdir", str(base), "--split", "test",
+                        "--config.eval.batch_size=16"],
                        base / "eval" / "test-baseline.json", cache_dir)
     # A batch replicated across processes (every axis of the batch rule has size 1): each
     # process all-gathers the rows and feeds the whole batch; the result is still the same.

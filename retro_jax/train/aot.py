@@ -201,7 +201,7 @@ def compile_train_step(config, devices: list, *, chip: Chip | None = None) -> di
                 report[key] = value
     t_lower = time.perf_counter()
     lowered = step.lower(state, batch)
-    t_compile = time.perf_counter()
+    t_compile, cpu_compile = time.perf_counter(), time.process_time()
     report["lower_seconds"] = t_compile - t_lower
     try:
         compiled = lowered.compile()
@@ -209,6 +209,7 @@ def compile_train_step(config, devices: list, *, chip: Chip | None = None) -> di
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         report["compile_seconds"] = time.perf_counter() - t_compile
+        report["compile_cpu_seconds"] = time.process_time() - cpu_compile
         report["total_seconds"] = time.perf_counter() - t_start
         report["fits"] = False
         report["error"] = _oom_summary(str(e))
@@ -217,6 +218,7 @@ def compile_train_step(config, devices: list, *, chip: Chip | None = None) -> di
             report["bytes_needed_per_device"] = int(float(found[1]) * _UNIT[found[2].upper()])
         return report
     report["compile_seconds"] = time.perf_counter() - t_compile
+    report["compile_cpu_seconds"] = time.process_time() - cpu_compile  # all threads
     report["total_seconds"] = time.perf_counter() - t_start
     memory = compiled.memory_analysis()
     if memory is not None:
@@ -237,8 +239,9 @@ def compile_train_step(config, devices: list, *, chip: Chip | None = None) -> di
         report["hbm_fraction"] = report["bytes_total_per_device"] / chip.hbm_bytes
         report["fits"] = report["bytes_total_per_device"] <= chip.hbm_bytes
         if not report["fits"]:
-            report["error"] = (f"{_gib(report['bytes_total_per_device'])} per device > "
-                               f"{_gib(chip.hbm_bytes)} of {chip.name} HBM")
+            report["error"] = (f"XLA compiled it, but {_gib(report['bytes_total_per_device'])} "
+                               f"per device > {_gib(chip.hbm_bytes)} of {chip.name} HBM (no "
+                               "headroom for the runtime)")
     if chip is not None:
         report.update(predict_step(report, chip))
     return report
@@ -247,16 +250,20 @@ def compile_train_step(config, devices: list, *, chip: Chip | None = None) -> di
 def predict_step(report: dict, chip: Chip) -> dict:
     """The step time and MFU the cost analysis predicts at the chip's peak (a roofline: the
     larger of compute time and HBM traffic time; collectives and the host are not counted,
-    so the time is a lower bound and the MFU an upper bound)."""
-    flops = report.get("xla_flops_per_device")
-    if not flops or not chip.peak_flops:
+    so the time is a lower bound and the MFU an upper bound). Compute time is that of the
+    larger of XLA's FLOPs and the model's (XLA counts a loop body once)."""
+    xla_flops = report.get("xla_flops_per_device")
+    if not xla_flops or not chip.peak_flops:
         return {}
+    devices = report["devices"]
+    # XLA's cost analysis counts a loop body once (the blockwise loss's scan, grad_accum's
+    # scan, a layer scan): never assume less work than the model's own FLOPs.
+    flops = max(xla_flops, report["model_flops_per_step"] / devices)
     compute_s = flops / chip.peak_flops
     memory_s = 0.0
     if chip.hbm_bandwidth:
         memory_s = report.get("xla_bytes_accessed_per_device", 0.0) / chip.hbm_bandwidth
     step_s = max(compute_s, memory_s)
-    devices = report["devices"]
     return {
         "predicted_step_seconds": step_s,
         "predicted_bound": "compute" if compute_s >= memory_s else "hbm bandwidth",
@@ -265,7 +272,7 @@ def predict_step(report: dict, chip: Chip) -> dict:
         "predicted_tokens_per_second": report["tokens_per_step"] / step_s,
         # model FLOPs / XLA FLOPs: below 1 with rematerialisation (forward recomputed);
         # above 1 when XLA counts a loop body once (its cost analysis ignores trip counts).
-        "model_to_xla_flops": report["model_flops_per_step"] / (devices * flops),
+        "model_to_xla_flops": report["model_flops_per_step"] / (devices * xla_flops),
     }
 
 
@@ -332,8 +339,9 @@ def format_report(report: dict) -> str:
                      f"{report['predicted_tokens_per_second']:,.0f} tokens/s, "
                      f"MFU {100 * report['predicted_mfu']:.1f}% (an upper bound: no "
                      "collectives)")
-    lines.append(f"  compile time      {report.get('compile_seconds', 0):.1f} s "
-                 f"(lowering {report.get('lower_seconds', 0):.1f} s) on this machine")
+    lines.append(f"  compile time      {report.get('compile_seconds', 0):.1f} s wall, "
+                 f"{report.get('compile_cpu_seconds', 0):.1f} s CPU (lowering "
+                 f"{report.get('lower_seconds', 0):.1f} s) on this machine")
     lines.append("  fits: " + ("yes" if report["fits"] else f"NO: {report.get('error', '')}"))
     return "\n".join(lines)
 
