@@ -8,10 +8,14 @@ runs `retro-jax compile --json` on the slice the experiment's docstring names:
     7.5b        v5p-128  topology v5p:4x4x4   (64 chips)
 
 each in a process of its own (libtpu admits one process at a time), one after another, with a
-per-config timeout. Every config's record (the compile report: bytes per device against HBM,
-XLA FLOPs per step, compile time, predicted step time and MFU; or status "timeout" / "error")
-is printed as one JSON line and appended to --out; a rerun skips the configs already there
-(a timeout is retried only with a larger --timeout), so it resumes where it stopped.
+per-config timeout. The WikiText-103 and Pile files train the same step at each size (they
+differ in the corpus, the packing and the number of steps, none of which the compiled step
+depends on), so a config whose step key (model, mesh, batch, optimiser, n, k, m) matches one
+already compiled is recorded with `same_step_as` and the figures of that compile. Every
+config's record (the compile report: bytes per device against HBM, XLA FLOPs per step,
+compile time, predicted step time and MFU; or status "timeout" / "error") is printed as one
+JSON line and appended to --out; a rerun skips the configs already there (a timeout is
+retried only with a larger --timeout), so it resumes where it stopped.
 
     make tpu-env                                    # .venv-tpu: the project + jax[tpu]
     .venv-tpu/bin/python benchmarks/compile_paper.py [--sizes 172m,425m] [--timeout 3600]
@@ -98,6 +102,28 @@ def tpu_python(explicit: str | None) -> str | None:
         return None
 
 
+# Keys the compiled train step does not depend on (schedule length, logging, data source).
+STEP_INDEPENDENT = {"train": ("num_steps", "log_every", "eval_every", "eval_batches",
+                              "checkpoint_every", "keep_last", "keep_every", "init_from"),
+                    "data": ("packing", "shuffle_seed", "prefetch", "precomputed_neighbours")}
+
+
+def step_key(spec: str) -> str:
+    """A digest of what the compiled train step of `spec` depends on."""
+    import hashlib
+
+    sys.path.insert(0, str(REPO))
+    from retro_jax.configs import load_config
+
+    path, _, variant = spec.partition(":")
+    config = load_config(f"{REPO / path}:{variant}" if variant else str(REPO / path)).to_dict()
+    key = {section: {k: v for k, v in config[section].items()
+                     if k not in STEP_INDEPENDENT.get(section, ())}
+           for section in ("model", "mesh", "train", "data")}
+    key["chunk_len"] = config["database"]["chunk_len"]
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def compile_one(python: str, entry: dict, timeout: float) -> dict:
     """Run `retro-jax compile --json` for one config in its own process."""
     cmd = [python, "-m", "retro_jax", "compile", "--config", entry["config"],
@@ -136,6 +162,19 @@ def _gib(x) -> str:
     return "" if x is None else f"{x / 2**30:.1f}"
 
 
+def with_prediction(record: dict) -> dict:
+    """`record` with the prediction recomputed by the current `predict_step` (records keep
+    the chip's figures), so a table never mixes two versions of the model."""
+    if "xla_flops_per_device" not in record or "peak_flops_per_device" not in record:
+        return record
+    sys.path.insert(0, str(REPO))
+    from retro_jax.train.aot import Chip, predict_step
+
+    chip = Chip(record.get("chip", "?"), record["peak_flops_per_device"],
+                record.get("hbm_bytes_per_device"), record.get("hbm_bandwidth_per_device"))
+    return {**record, **predict_step(record, chip)}
+
+
 def markdown_table(records: list[dict]) -> str:
     """The docs/benchmarks.md table of compile records (blank cells: not measured)."""
     head = ["config", "slice (topology)", "status", "compile s (CPU s)", "params GiB/dev",
@@ -143,11 +182,14 @@ def markdown_table(records: list[dict]) -> str:
             "XLA FLOPs/step/dev", "model FLOPs/step", "predicted step ms", "predicted MFU"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in records:
+        r = with_prediction(r)
         total = r.get("bytes_total_per_device") or r.get("bytes_needed_per_device")
         hbm = r.get("hbm_bytes_per_device")
         status = r.get("status", "?")
         if status == "timeout":
             status = f"timeout ({r.get('timeout_s', 0):.0f} s)"
+        if r.get("same_step_as"):
+            status += f" (= {r['same_step_as'].removeprefix('experiments/paper/')})"
         step, mfu, flops = (r.get("predicted_step_seconds"), r.get("predicted_mfu"),
                             r.get("xla_flops_per_device"))
         cells = [
@@ -200,15 +242,26 @@ def main(argv=None) -> int:
               "(the project plus jax[tpu]==0.10.2); skipping", file=sys.stderr)
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    compiled = {}  # step key -> a record that compiled it (ok / does_not_fit)
+    for record in done.values():
+        if record.get("status") in ("ok", "does_not_fit") and not record.get("same_step_as"):
+            compiled.setdefault(record.get("step_key") or step_key(record["config"]), record)
     for entry in entries:
         previous = done.get(entry["config"])
         if not needs_run(previous, args.timeout):
             print(json.dumps(previous), flush=True)
             continue
-        print(f"== compiling {entry['config']} for {entry['slice']} ({entry['topology']}), "
-              f"timeout {args.timeout:.0f} s", file=sys.stderr, flush=True)
-        record = compile_one(python, entry, args.timeout)
-        record["date"] = time.strftime("%Y-%m-%d")
+        entry["step_key"] = step_key(entry["config"])
+        twin = compiled.get(entry["step_key"])
+        if twin is not None:
+            record = {**twin, **entry, "same_step_as": twin["config"]}
+        else:
+            print(f"== compiling {entry['config']} for {entry['slice']} ({entry['topology']}), "
+                  f"timeout {args.timeout:.0f} s", file=sys.stderr, flush=True)
+            record = compile_one(python, entry, args.timeout)
+            record["date"] = time.strftime("%Y-%m-%d")
+            if record["status"] in ("ok", "does_not_fit"):
+                compiled[entry["step_key"]] = record
         line = json.dumps(record)
         print(line, flush=True)
         with open(args.out, "a") as f:

@@ -160,19 +160,31 @@ esac
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "results.jsonl"
     argv = ["--python", str(fake), "--out", str(out), "--sizes", "172m,425m",
-            "--datasets", "pile", "--timeout", "60"]
+            "--datasets", "pile,wikitext103", "--timeout", "60"]
     assert cp.main(argv) == 0
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["status"] for r in records] == ["ok", "does_not_fit", "error", "does_not_fit"]
-    assert records[0]["topology"] == "v5p:2x2x4" and records[0]["compile_seconds"] == 12.5
-    assert "boom" in records[2]["stderr_tail"]
-    assert len(calls.read_text().splitlines()) == 4
+    records = {r["config"].removeprefix("experiments/paper/"): r
+               for r in map(json.loads, out.read_text().splitlines())}
+    assert {k: r["status"] for k, r in records.items()} == {
+        "pile.py:172m": "ok", "pile.py:172m,baseline": "does_not_fit",
+        "wikitext103.py:172m": "ok", "wikitext103.py:172m,baseline": "does_not_fit",
+        "pile.py:425m": "error", "pile.py:425m,baseline": "does_not_fit",
+        "wikitext103.py:425m": "error", "wikitext103.py:425m,baseline": "does_not_fit"}
+    retro = records["pile.py:172m"]
+    assert retro["topology"] == "v5p:2x2x4" and retro["compile_seconds"] == 12.5
+    assert "boom" in records["pile.py:425m"]["stderr_tail"]
+    # WikiText-103 trains the same step as the Pile: compiled once, recorded twice.
+    twin = records["wikitext103.py:172m"]
+    assert twin["same_step_as"] == "experiments/paper/pile.py:172m"
+    assert twin["step_key"] == retro["step_key"] and twin["compile_seconds"] == 12.5
+    # pile 172m and its baseline, pile 425m (error) and its baseline, wikitext103 425m (the
+    # error had no figures to copy): 5 compiles for 8 configs.
+    assert len(calls.read_text().splitlines()) == 5
     assert all("--json" in line and "compile" in line for line in calls.read_text().splitlines())
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(printed) == 4
+    assert len(printed) == 8
 
-    assert cp.main(argv) == 0  # resumes: only the failed config runs again
-    assert len(calls.read_text().splitlines()) == 5
+    assert cp.main(argv) == 0  # resumes: only the two failed configs run again
+    assert len(calls.read_text().splitlines()) == 7
     assert cp.main(["--out", str(out), "--table", "--sizes", "172m", "--datasets", "pile"]) == 0
     table = capsys.readouterr().out
     assert "| pile.py:172m | v5p-32 (v5p:2x2x4) | ok | 12 |" in table
