@@ -30,10 +30,12 @@ windows (make_eval_windows deals them round robin; every process gets the same n
 batches), the records of all processes are gathered bit for bit (`allgather_host_arrays`),
 ordered by the window's first chunk (document order, then position) and summed in that order
 on every process. So the totals do not depend on the batch size, on how windows fall into
-batches or on the number of processes: two processes produce the numbers one does, to the
-last bit (given the same per-token log-probabilities, i.e. the same mesh and global batch).
-The global batch is `batch_size` rounded up to a multiple of the processes and of the mesh's
-batch shards, so each device scores whole windows.
+batches or on the number of processes. The per-token log-probabilities are the same too,
+given the same mesh and global batch: the scorer lays the processes' rows out so that every
+device computes what it would in one process (scoring.BatchPlacement). So two processes
+produce the numbers one does, to the last bit. The global batch is `batch_size` rounded up
+to a multiple of the processes and of the mesh's batch shards, so each device scores whole
+windows.
 """
 
 from __future__ import annotations
