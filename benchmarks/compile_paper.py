@@ -179,7 +179,8 @@ def markdown_table(records: list[dict]) -> str:
     """The docs/benchmarks.md table of compile records (blank cells: not measured)."""
     head = ["config", "slice (topology)", "status", "compile s (CPU s)", "params GiB/dev",
             "optimiser GiB/dev", "temporaries GiB/dev", "total GiB/dev (of HBM)",
-            "XLA FLOPs/step/dev", "model FLOPs/step", "predicted step ms", "predicted MFU"]
+            "XLA FLOPs/step/dev", "model FLOPs/step", "predicted step ms (bound)",
+            "predicted MFU"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in records:
         r = with_prediction(r)
@@ -202,7 +203,9 @@ def markdown_table(records: list[dict]) -> str:
             _gib(total) + (f" ({100 * total / hbm:.0f}%)" if total and hbm else ""),
             "" if flops is None else f"{flops:.3g}",
             "" if r.get("model_flops_per_step") is None else f"{r['model_flops_per_step']:.3g}",
-            "" if step is None else f"{1e3 * step:,.0f}",
+            "" if step is None else f"{1e3 * step:,.0f}"
+            + {"compute": " (FLOPs)", "hbm bandwidth": " (HBM)"}.get(
+                r.get("predicted_bound"), ""),
             "" if mfu is None else f"{100 * mfu:.0f}%",
         ]
         lines.append("| " + " | ".join(cells) + " |")

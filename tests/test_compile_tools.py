@@ -188,7 +188,7 @@ esac
     assert cp.main(["--out", str(out), "--table", "--sizes", "172m", "--datasets", "pile"]) == 0
     table = capsys.readouterr().out
     assert "| pile.py:172m | v5p-32 (v5p:2x2x4) | ok | 12 |" in table
-    assert "1.0 (1%)" in table and "| 2,500 | 61% |" in table
+    assert "1.0 (1%)" in table and "| 2,500 | 61% |" in table  # no bound recorded
 
 
 def test_compile_paper_without_libtpu_skips(repo_root, monkeypatch, capsys):
