@@ -10,7 +10,7 @@
     retro-jax report   W...
     retro-jax params   --config ...
     retro-jax plot     W... --out loss.png
-    retro-jax compile  --config ... --topology v5p:4x4x4   (ahead-of-time, per-device memory)
+    retro-jax compile  --config ... --topology v5p:4x4x4   (ahead-of-time: memory, FLOPs, MFU)
     retro-jax demo     --workdir runs/demo
 
 Heavy libraries (jax, tensorflow) are imported only by the command that runs, so `--help`
@@ -48,7 +48,8 @@ COMMANDS = {
                "parameter counts (embedding, decoder, CCA, encoder) without allocating"),
     "plot": ("retro_jax.train.plot", "run_plot", "loss curves of one or several runs to PNG"),
     "compile": ("retro_jax.train.aot", "run_compile",
-                "compile the train step ahead of time for a TPU topology; per-device memory"),
+                "compile the train step ahead of time for a TPU topology: per-device memory "
+                "against HBM, FLOPs, predicted step time and MFU"),
     "demo": ("retro_jax.demo", "run_demo",
              "the end-to-end job on the embedded corpus (what `make demo` runs)"),
 }
@@ -160,7 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("compile")
     p.add_argument("--config", required=True, metavar="EXP.py[:ARG]", help="experiment file")
     p.add_argument("--topology", default="v5p:4x4x4",
-                   help="TPU topology name for jax.experimental.topologies, e.g. v5p:2x2x2")
+                   help="TPU topology name for jax.experimental.topologies, e.g. v5p:2x2x4 "
+                        "(v5p-32); 'cpu' = this process's CPU devices (no libtpu)")
+    p.add_argument("--json", action="store_true",
+                   help="print only the JSON report (one line), not the summary")
+    p.add_argument("--hbm-gib", type=float, default=None, metavar="GIB",
+                   help="HBM per chip (default: the chip table in retro_jax/train/aot.py)")
+    p.add_argument("--peak-tflops", type=float, default=None, metavar="TFLOPS",
+                   help="peak bf16 TFLOP/s per chip (default: the chip table)")
 
     p = add("demo")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"), metavar="DIR",
