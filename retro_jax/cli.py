@@ -4,7 +4,7 @@
                        [--runner beam --beam-options="--runner=DirectRunner ..."]
     retro-jax precompute-neighbours --config ... --workdir W [--runner beam ...]
     retro-jax train    --config ... --workdir W
-    retro-jax eval     --config ... --workdir W [--split S] [--neighbours K] [--retrieval on|off]
+    retro-jax eval     --config ... --workdir W [--split S] [--neighbours K] [--retrieval on|off|random|oracle]
     retro-jax sample   --workdir W --prompt TEXT [--max-tokens N ...]
     retro-jax sweep    EXP... --workdir ROOT
     retro-jax report   W...
@@ -120,8 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation split (default: config eval.split)")
     p.add_argument("--neighbours", type=int, default=None, metavar="K",
                    help="neighbours per chunk (default: config eval.num_neighbours, 10)")
-    p.add_argument("--retrieval", choices=("on", "off"), default="on",
-                   help="RETRO[ON] or RETRO[OFF] (the same weights with no neighbours)")
+    p.add_argument("--retrieval", choices=("on", "off", "random", "oracle"), default="on",
+                   help="RETRO[ON]; RETRO[OFF] (the same weights with no neighbours); or a "
+                        "retrieval diagnostic: random (database chunks drawn at random instead "
+                        "of the retrieved ones) or oracle (each chunk's own continuation as "
+                        "its neighbour: the most copying can gain)")
     p.add_argument("--leakage", action="store_true",
                    help="also compute the leakage-filtered bpb(alpha) curve")
     p.add_argument("--knn-lm", action="store_true",
@@ -156,7 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plot")
     p.add_argument("workdirs", nargs="+", type=Path, metavar="W", help="run directories")
     p.add_argument("--out", type=Path, default=Path("loss.png"), help="PNG file to write")
-    p.add_argument("--metric", default="loss", help="metric from metrics.jsonl (default: loss)")
+    p.add_argument("--metric", default="loss",
+                   help="metric from metrics.jsonl (default: loss), several comma-separated, or "
+                        "a group: 'diagnostics' (loss with retrieved, no, random and oracle "
+                        "neighbours) or 'cca' (each CCA layer's output norm relative to the "
+                        "residual stream)")
 
     p = add("compile")
     p.add_argument("--config", required=True, metavar="EXP.py[:ARG]", help="experiment file")

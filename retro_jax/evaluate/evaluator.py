@@ -128,6 +128,7 @@ def evaluate(
     exclude_doc_ids: Collection[int] | None = None,
     per_chunk: bool = False,
     knn: KnnLM | None = None,
+    neighbour_source: str = "retrieved",
     mesh=None,
     rules=None,
     progress: bool = True,
@@ -146,12 +147,21 @@ def evaluate(
       exclude_doc_ids: documents never retrieved (besides the evaluated document itself).
       per_chunk: also sum NLL per split chunk (for the leakage filter).
       knn: score with the kNN-LM interpolation of this datastore instead of the model alone.
+      neighbour_source: what the model reads as each chunk's k neighbours (a retrieval
+        diagnostic, `NEIGHBOUR_SOURCES`): "retrieved" (RETRO[ON]), "random" (database chunks
+        drawn at random, with their continuations) or "oracle" (the chunk itself and its true
+        continuation in slot 0).
       mesh, rules: the device mesh and logical axis rules the model is sharded with.
     """
     import jax
 
     from data_pipeline.input_pipeline import make_eval_windows
 
+    if neighbour_source not in NEIGHBOUR_SOURCES:
+        raise ValueError(f"neighbour_source must be one of {NEIGHBOUR_SOURCES}, found "
+                         f"{neighbour_source!r}")
+    if neighbour_source != "retrieved" and num_neighbours <= 0:
+        raise ValueError(f"neighbour_source={neighbour_source!r} needs num_neighbours > 0")
     process_count, process_index = jax.process_count(), jax.process_index()
     if knn is not None and process_count > 1:
         raise ValueError("kNN-LM evaluation runs in one process (its datastore and search are "
@@ -196,6 +206,8 @@ def evaluate(
         if batch is None:
             break
         neighbours = batch.get("neighbours") if num_neighbours > 0 else None
+        if neighbours is not None and neighbour_source != "retrieved":
+            neighbours = substitute_neighbours(neighbour_source, batch, db, m)
         log_probs, hidden = scorer(batch["inputs"], neighbours, batch["targets"])
         mask = batch["score_mask"].astype(bool) & (batch["targets"] != 0)
         if knn is not None:
@@ -239,6 +251,34 @@ def evaluate(
         stride=int(stride), overall=overall, by_source=by_source, scores=scores,
         documents_selected=len(expected), documents_incomplete=len(incomplete), timing=timing,
         chunk_nll=chunk_nll, chunk_tokens=chunk_tokens)
+
+
+NEIGHBOUR_SOURCES = ("retrieved", "random", "oracle")
+
+
+def substitute_neighbours(source: str, batch: dict, db, chunk_len: int) -> np.ndarray:
+    """The neighbours a diagnostic evaluation feeds instead of the retrieved ones.
+
+    Args:
+      source: "random": for every chunk, k database chunks drawn uniformly (seeded by the
+        chunk's id in its split, so the draw does not depend on batching or processes) with
+        their continuations: the right format, unrelated content. "oracle": slot 0 holds
+        [C_u ; C_{u+1}] (the window's own tokens; zeros past the window), the rest empty.
+      batch: the window batch: chunk_ids int64 [B, L], inputs int32 [B, n], neighbours
+        int32 [B, L, k, 2m].
+    Returns:
+      int32 [B, L, k, 2m].
+    """
+    shape = np.asarray(batch["neighbours"]).shape
+    if source == "oracle":
+        from retro_jax.train.diagnostics import oracle_neighbours
+
+        return np.asarray(oracle_neighbours(np.asarray(batch["inputs"]), chunk_len, shape[2]))
+    num_db_chunks = int(db.split("train").tokens.shape[0])
+    chunk_ids = np.asarray(batch["chunk_ids"], np.int64).reshape(-1)
+    ids = np.stack([np.random.default_rng([17, int(c)]).integers(0, num_db_chunks, shape[2])
+                    if c >= 0 else np.full(shape[2], -1) for c in chunk_ids])
+    return db.neighbour_tokens(ids.reshape(shape[:3]))
 
 
 def eval_batch_size(batch_size: int, mesh=None, rules=None, process_count: int = 1) -> int:

@@ -1,11 +1,16 @@
 """`retro-jax eval`: evaluate a trained run and write `<workdir>/eval/<split>-<mode>.json`.
 
     retro-jax eval --config EXP --workdir W [--split validation|test] [--neighbours K]
-                   [--retrieval on|off] [--leakage] [--knn-lm]
+                   [--retrieval on|off|random|oracle] [--leakage] [--knn-lm]
 
 Modes (the file name's <mode>):
   on        RETRO[ON]: neighbours retrieved inline for every chunk (K = eval.num_neighbours)
   off       RETRO[OFF]: the same weights, no neighbours
+  random    diagnostic: K database chunks drawn at random per chunk (with continuations)
+            instead of the retrieved ones; a model that uses retrieval scores ON < random
+  oracle    diagnostic: each chunk's neighbour is itself followed by its true continuation
+            (slot 0, the others empty): how much copying could gain; oracle << OFF means the
+            model can copy from its neighbours
   baseline  a run with model.retrieval=False (no CCA); --retrieval is ignored
   knn-lm    the run's model (a baseline, as in the paper) interpolated with a kNN datastore
             built over the database's train split (kept in W/eval/knn_lm/ and reused)
@@ -131,7 +136,8 @@ def evaluate_run(
     rules = logical_axis_rules(config.mesh)
     model = load_trained_model(workdir, config, mesh=mesh)
     step = latest_step(workdir)
-    k = k_on if mode == "on" else 0
+    k = k_on if mode in ("on", "random", "oracle") else 0
+    neighbour_source = mode if mode in ("random", "oracle") else "retrieved"
 
     knn = None
     knn_info = None
@@ -155,7 +161,7 @@ def evaluate_run(
                       stride=int(config.eval.stride), num_neighbours=k,
                       batch_size=int(config.eval.batch_size), overfetch=int(config.data.overfetch),
                       max_documents=int(config.eval.max_documents), per_chunk=leakage, knn=knn,
-                      mesh=mesh, rules=rules, progress=progress)
+                      neighbour_source=neighbour_source, mesh=mesh, rules=rules, progress=progress)
     params = count_parameters(model)
     record = make_record(config, result, mode=mode, step=step, params=params, db=db,
                          knn=knn_info)
