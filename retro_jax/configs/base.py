@@ -124,6 +124,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.encoder_ffw_dim = 3584
     c.model.encoder_cross_attend_layers = (1,)  # 1-based encoder layers that attend to H_u
     c.model.encoder_query_conditioning = True  # ablation: encoder does not see H_u
+    # The encoder's token embedding: "input" (the decoder's, the paper) or "output" (the output
+    # projection's column of each token: copying a neighbour token forms sooner).
+    c.model.encoder_embedding = "input"
     c.model.dropout = 0.0
     c.model.dtype = "auto"  # auto (bf16 on TPU/GPU, fp32 on CPU) | float32 | bfloat16
     c.model.remat = "none"  # none | full | dots (jax.checkpoint policy per block)
@@ -179,6 +182,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.keep_every = 10_000  # also keep every M-th step's checkpoint; 0 = none
     c.train.init_from = ""  # a checkpoint directory to initialise from (retrofitting)
     c.train.retrofit = False  # freeze the decoder, train only CCA + encoder
+    # The first N of train.num_steps read synthetic copy batches (random tokens, every
+    # neighbour = [C_u ; C_u+1]) so that the copy circuit forms before real text
+    # (retro_jax/train/copy_warmup.py); RETRO only. 0 = off (the paper).
+    c.train.copy_warmup_steps = 0
 
     # ----------------------------------------------------------------- eval
     c.eval = ml_collections.ConfigDict()

@@ -85,6 +85,7 @@ def pipeline_batches(config, db, mesh, rules, split: str = "train", *, shuffle: 
 
     from data_pipeline.input_pipeline import device_batches, make_dataset
     from retro_jax.models.sharding import logical_to_spec
+    from retro_jax.train.copy_warmup import with_copy_warmup
 
     retrieval = bool(config.model.retrieval)
     spec = logical_to_spec(("batch",), rules)
@@ -92,17 +93,27 @@ def pipeline_batches(config, db, mesh, rules, split: str = "train", *, shuffle: 
     if retrieval and config.data.precomputed_neighbours:
         precomputed = ensure_precomputed_neighbours(config, db, split)
 
+    # Copy warm-up (retro_jax/train/copy_warmup.py): training only, RETRO only.
+    warmup = int(config.train.copy_warmup_steps) if retrieval and split == "train" else 0
+    rows = config.train.batch_size // jax.process_count()
+
     def factory(start_step: int):
         dataset = make_dataset(
-            db, split, seq_len=config.data.seq_len,
-            batch_size=config.train.batch_size // jax.process_count(),
+            db, split, seq_len=config.data.seq_len, batch_size=rows,
             num_neighbours=config.data.num_neighbours if retrieval else 0,
             overfetch=config.data.overfetch, packing=config.data.packing,
             seed=config.data.shuffle_seed, shuffle=shuffle, repeat=repeat,
-            start_step=start_step, process_index=jax.process_index(),
+            start_step=max(start_step - warmup, 0), process_index=jax.process_index(),
             process_count=jax.process_count(), exclude_same_document=True,
             precomputed_dir=precomputed,
             expect_chunk_len=config.database.chunk_len)
+        if start_step < warmup:
+            dataset = with_copy_warmup(
+                dataset.as_numpy_iterator(), start_step=start_step, warmup_steps=warmup,
+                rows=rows, row_offset=rows * jax.process_index(), seed=config.train.seed,
+                batch_size=config.train.batch_size, seq_len=config.data.seq_len,
+                chunk_len=config.database.chunk_len, num_neighbours=config.data.num_neighbours,
+                vocab_size=config.model.vocab_size)
         return device_batches(dataset, mesh, prefetch=config.data.prefetch,
                               batch_partition_spec=spec)
 
