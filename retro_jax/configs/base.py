@@ -136,6 +136,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 2048  # n = L * m
     c.data.num_neighbours = 2  # k in training
     c.data.overfetch = 4  # retrieve k * overfetch, then drop same-document neighbours
+    # 0: each neighbour is [chunk ; continuation] (the paper). S > 0: its window shifts by up to
+    # S tokens to where it best matches the querying chunk, so the continuation lines up with
+    # the tokens being predicted (data_pipeline/input_pipeline/neighbours.py:align_windows);
+    # training, evaluation and sampling all use it.
+    c.data.align_max_shift = 0
     c.data.packing = "packed"  # packed (documents concatenated) | document (one per sequence)
     c.data.shuffle_seed = 0
     c.data.precomputed_neighbours = False  # read neighbours written once to disk

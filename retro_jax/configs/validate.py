@@ -261,6 +261,9 @@ def validate_config(
     if found["train.batch_size"] % found["train.grad_accum"]:
         raise _fail(source, "train.batch_size", found["train.batch_size"],
                     f"must be a multiple of train.grad_accum={found['train.grad_accum']}")
+    if not 0 <= found["data.align_max_shift"] < found["database.chunk_len"]:
+        raise _fail(source, "data.align_max_shift", found["data.align_max_shift"],
+                    f"must be in [0, database.chunk_len={found['database.chunk_len']})")
     if found["train.copy_warmup_steps"] and not found["model.retrieval"]:
         raise _fail(source, "train.copy_warmup_steps", found["train.copy_warmup_steps"],
                     "the copy warm-up trains reading neighbours; it needs model.retrieval=True "

@@ -129,6 +129,7 @@ def evaluate(
     per_chunk: bool = False,
     knn: KnnLM | None = None,
     neighbour_source: str = "retrieved",
+    align_max_shift: int = 0,
     mesh=None,
     rules=None,
     progress: bool = True,
@@ -151,6 +152,8 @@ def evaluate(
         diagnostic, `NEIGHBOUR_SOURCES`): "retrieved" (RETRO[ON]), "random" (database chunks
         drawn at random, with their continuations) or "oracle" (the chunk itself and its true
         continuation in slot 0).
+      align_max_shift: token alignment of the retrieved neighbours (`data.align_max_shift`,
+        as the model was trained).
       mesh, rules: the device mesh and logical axis rules the model is sharded with.
     """
     import jax
@@ -187,7 +190,8 @@ def evaluate(
     dataset = make_eval_windows(db, split, seq_len, stride, doc_filter, batch_size=local_batch,
                                 num_neighbours=num_neighbours, overfetch=overfetch,
                                 exclude_same_document=True, exclude_doc_ids=exclude_doc_ids,
-                                process_index=process_index, process_count=process_count)
+                                process_index=process_index, process_count=process_count,
+                                align_max_shift=align_max_shift)
     scorer = make_scorer(model, mesh=mesh, rules=rules, with_hidden=knn is not None)
     records = WindowRecords(chunks_per_window, m, per_chunk=per_chunk)
 

@@ -161,7 +161,9 @@ def evaluate_run(
                       stride=int(config.eval.stride), num_neighbours=k,
                       batch_size=int(config.eval.batch_size), overfetch=int(config.data.overfetch),
                       max_documents=int(config.eval.max_documents), per_chunk=leakage, knn=knn,
-                      neighbour_source=neighbour_source, mesh=mesh, rules=rules, progress=progress)
+                      neighbour_source=neighbour_source,
+                      align_max_shift=int(config.data.align_max_shift), mesh=mesh, rules=rules,
+                      progress=progress)
     params = count_parameters(model)
     record = make_record(config, result, mode=mode, step=step, params=params, db=db,
                          knn=knn_info)

@@ -105,7 +105,7 @@ def pipeline_batches(config, db, mesh, rules, split: str = "train", *, shuffle: 
             seed=config.data.shuffle_seed, shuffle=shuffle, repeat=repeat,
             start_step=max(start_step - warmup, 0), process_index=jax.process_index(),
             process_count=jax.process_count(), exclude_same_document=True,
-            precomputed_dir=precomputed,
+            precomputed_dir=precomputed, align_max_shift=config.data.align_max_shift,
             expect_chunk_len=config.database.chunk_len)
         if start_step < warmup:
             dataset = with_copy_warmup(
