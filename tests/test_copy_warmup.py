@@ -39,6 +39,23 @@ def test_warmup_then_real_batches_and_resume():
     assert resumed[1] is real[0]
 
 
+def test_copy_mix_replaces_the_first_rows_of_real_batches():
+    real = [{"inputs": np.full((4, 32), i, np.int32), "targets": np.full((4, 32), i, np.int32),
+             "neighbours": np.zeros((4, 4, 2, 16), np.int32), "doc_ids": np.full((4, 4), i)}
+            for i in range(3)]
+    kw = dict(KW, batch_size=8)
+    stream = list(with_copy_warmup(iter(real), start_step=1, warmup_steps=2, rows=4,
+                                   row_offset=4, mix=0.5, **kw))
+    assert len(stream) == 4  # one warm-up batch left, then the three real ones
+    for step, batch in zip((2, 3, 4), stream[1:]):
+        copy = copy_batch(step, **kw)
+        i = step - 2
+        for key in ("inputs", "targets", "neighbours"):
+            np.testing.assert_array_equal(batch[key][:2], copy[key][4:6])
+            np.testing.assert_array_equal(batch[key][2:], real[i][key][2:])
+        np.testing.assert_array_equal(batch["doc_ids"], real[i]["doc_ids"])
+
+
 def test_config_checks():
     from retro_jax.configs import ConfigError
     from tests._train_fixtures import tiny_config
@@ -46,5 +63,7 @@ def test_config_checks():
     assert tiny_config(**{"train.copy_warmup_steps": 4}).train.copy_warmup_steps == 4
     with pytest.raises(ConfigError, match="train.copy_warmup_steps.*model.retrieval"):
         tiny_config(**{"train.copy_warmup_steps": 4, "model.retrieval": False})
+    with pytest.raises(ConfigError, match="train.copy_mix"):
+        tiny_config(**{"train.copy_mix": 1.0})
     with pytest.raises(ConfigError, match="below train.num_steps"):
         tiny_config(**{"train.copy_warmup_steps": 12})

@@ -191,6 +191,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # neighbour = [C_u ; C_u+1]) so that the copy circuit forms before real text
     # (retro_jax/train/copy_warmup.py); RETRO only. 0 = off (the paper).
     c.train.copy_warmup_steps = 0
+    # After the warm-up, this share of the rows of every training batch stays synthetic copy
+    # rows, so that the copy circuit is not unlearnt while real text dominates. 0 = off.
+    c.train.copy_mix = 0.0
 
     # ----------------------------------------------------------------- eval
     c.eval = ml_collections.ConfigDict()

@@ -264,10 +264,12 @@ def validate_config(
     if not 0 <= found["data.align_max_shift"] < found["database.chunk_len"]:
         raise _fail(source, "data.align_max_shift", found["data.align_max_shift"],
                     f"must be in [0, database.chunk_len={found['database.chunk_len']})")
-    if found["train.copy_warmup_steps"] and not found["model.retrieval"]:
-        raise _fail(source, "train.copy_warmup_steps", found["train.copy_warmup_steps"],
-                    "the copy warm-up trains reading neighbours; it needs model.retrieval=True "
-                    "(set it to 0 for a baseline)")
+    for key in ("train.copy_warmup_steps", "train.copy_mix"):
+        if found[key] and not found["model.retrieval"]:
+            raise _fail(source, key, found[key], "copy batches train reading neighbours; they "
+                        "need model.retrieval=True (set it to 0 for a baseline)")
+    if not 0.0 <= found["train.copy_mix"] < 1.0:
+        raise _fail(source, "train.copy_mix", found["train.copy_mix"], "a share in [0, 1)")
     if 0 < found["train.num_steps"] <= found["train.copy_warmup_steps"]:
         raise _fail(source, "train.copy_warmup_steps", found["train.copy_warmup_steps"],
                     f"must be below train.num_steps={found['train.num_steps']} (the warm-up "

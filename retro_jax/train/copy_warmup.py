@@ -1,5 +1,7 @@
 """Copy warm-up (`train.copy_warmup_steps`): the first training steps read synthetic copy
-batches, so that the copy circuit forms on pure signal before real text.
+batches, so that the copy circuit forms on pure signal before real text; and copy mixing
+(`train.copy_mix`): afterwards, a share of the rows of every batch stays synthetic, so that
+the circuit survives while real text, where little can be copied, dominates the gradient.
 
 Reading a neighbour means three things learnt together: chunked cross-attention must find the
 neighbour token aligned with the position being predicted, the encoder must carry that token's
@@ -40,15 +42,36 @@ def copy_batch(step: int, *, seed: int, batch_size: int, seq_len: int, chunk_len
     return {"inputs": tokens[:, :n], "targets": tokens[:, 1:n + 1], "neighbours": neighbours}
 
 
+MIX_KEYS = ("inputs", "targets", "neighbours")  # what a copy row replaces in a real batch
+
+
 def with_copy_warmup(real: Iterator[dict], *, start_step: int, warmup_steps: int,
-                     rows: int, row_offset: int, **batch_kwargs) -> Iterator[dict]:
+                     rows: int, row_offset: int, mix: float = 0.0,
+                     **batch_kwargs) -> Iterator[dict]:
     """Host batches of a run resuming at `start_step`: the warm-up's remaining copy batches,
-    then `real` (which the caller started at step max(start_step - warmup_steps, 0)).
+    then `real` (which the caller started at step max(start_step - warmup_steps, 0)), whose
+    first round(mix * rows) rows of every batch are replaced by copy rows.
 
     Args:
       rows, row_offset: this process's rows of every global copy batch (multi-host).
+      mix: share of each real batch's rows that are copy rows (`train.copy_mix`).
       batch_kwargs: `copy_batch`'s keywords (batch_size is the global batch).
     """
-    synthetic = ({k: v[row_offset:row_offset + rows] for k, v in copy_batch(s, **batch_kwargs)
-                  .items()} for s in range(start_step, warmup_steps))
-    return itertools.chain(synthetic, real)
+    def local(step: int) -> dict:
+        return {k: v[row_offset:row_offset + rows]
+                for k, v in copy_batch(step, **batch_kwargs).items()}
+
+    synthetic = (local(s) for s in range(start_step, warmup_steps))
+    mixed_rows = int(round(mix * rows))
+    if mixed_rows == 0:
+        return itertools.chain(synthetic, real)
+
+    def mixed():
+        for step, batch in enumerate(real, start=max(start_step, warmup_steps)):
+            copy = local(step)
+            batch = dict(batch)
+            for key in MIX_KEYS:
+                batch[key] = np.concatenate([copy[key][:mixed_rows], batch[key][mixed_rows:]])
+            yield batch
+
+    return itertools.chain(synthetic, mixed())

@@ -93,8 +93,10 @@ def pipeline_batches(config, db, mesh, rules, split: str = "train", *, shuffle: 
     if retrieval and config.data.precomputed_neighbours:
         precomputed = ensure_precomputed_neighbours(config, db, split)
 
-    # Copy warm-up (retro_jax/train/copy_warmup.py): training only, RETRO only.
-    warmup = int(config.train.copy_warmup_steps) if retrieval and split == "train" else 0
+    # Copy warm-up and mixing (retro_jax/train/copy_warmup.py): training only, RETRO only.
+    copying = retrieval and split == "train"
+    warmup = int(config.train.copy_warmup_steps) if copying else 0
+    mix = float(config.train.copy_mix) if copying else 0.0
     rows = config.train.batch_size // jax.process_count()
 
     def factory(start_step: int):
@@ -107,10 +109,11 @@ def pipeline_batches(config, db, mesh, rules, split: str = "train", *, shuffle: 
             process_count=jax.process_count(), exclude_same_document=True,
             precomputed_dir=precomputed, align_max_shift=config.data.align_max_shift,
             expect_chunk_len=config.database.chunk_len)
-        if start_step < warmup:
+        if start_step < warmup or mix > 0:
             dataset = with_copy_warmup(
                 dataset.as_numpy_iterator(), start_step=start_step, warmup_steps=warmup,
-                rows=rows, row_offset=rows * jax.process_index(), seed=config.train.seed,
+                rows=rows, row_offset=rows * jax.process_index(), mix=mix,
+                seed=config.train.seed,
                 batch_size=config.train.batch_size, seq_len=config.data.seq_len,
                 chunk_len=config.database.chunk_len, num_neighbours=config.data.num_neighbours,
                 vocab_size=config.model.vocab_size)
