@@ -1,6 +1,6 @@
 """File helpers shared by every stage: checksums and atomic JSON writes.
 
-Checksums decide whether a resumed build can keep a file (data_pipeline/database/build_state.py)
+Checksums decide whether a resumed build can keep a file (data_pipeline/resumable.py)
 and whether a database file is the one its manifest names; atomic writes mean a reader never
 sees a torn manifest or marker.
 """

@@ -1,14 +1,16 @@
 """`retro-jax <command>`: the command line.
 
     retro-jax build-db --config experiments/X.py[:ARG] --workdir W [--config.a.b=V ...]
+                       [--runner beam --beam-options="--runner=DirectRunner ..."]
+    retro-jax precompute-neighbours --config ... --workdir W [--runner beam ...]
     retro-jax train    --config ... --workdir W
-    retro-jax eval     --config ... --workdir W [--split S] [--neighbours K] [--retrieval on|off]
+    retro-jax eval     --config ... --workdir W [--split S] [--neighbours K] [--retrieval on|off|random|oracle]
     retro-jax sample   --workdir W --prompt TEXT [--max-tokens N ...]
     retro-jax sweep    EXP... --workdir ROOT
     retro-jax report   W...
     retro-jax params   --config ...
     retro-jax plot     W... --out loss.png
-    retro-jax compile  --config ... --topology v5p:4x4x4   (ahead-of-time, per-device memory)
+    retro-jax compile  --config ... --topology v5p:4x4x4   (ahead-of-time: memory, FLOPs, MFU)
     retro-jax demo     --workdir runs/demo
 
 Heavy libraries (jax, tensorflow) are imported only by the command that runs, so `--help`
@@ -29,6 +31,9 @@ from retro_jax.configs.validate import ConfigError
 COMMANDS = {
     "build-db": ("retro_jax.build_db", "run_build_db",
                  "tokenizer, chunks, frozen-BERT keys and ScaNN index: the retrieval database"),
+    "precompute-neighbours": ("retro_jax.build_db", "run_precompute_neighbours",
+                              "retrieve every training chunk's neighbours once, ahead of "
+                              "training (data.precomputed_neighbours)"),
     "train": ("retro_jax.train.loop", "run_train",
               "train RETRO (or its baseline) on a device mesh, resuming from W"),
     "eval": ("retro_jax.evaluate.runner", "run_eval",
@@ -43,7 +48,8 @@ COMMANDS = {
                "parameter counts (embedding, decoder, CCA, encoder) without allocating"),
     "plot": ("retro_jax.train.plot", "run_plot", "loss curves of one or several runs to PNG"),
     "compile": ("retro_jax.train.aot", "run_compile",
-                "compile the train step ahead of time for a TPU topology; per-device memory"),
+                "compile the train step ahead of time for a TPU topology: per-device memory "
+                "against HBM, FLOPs, predicted step time and MFU"),
     "demo": ("retro_jax.demo", "run_demo",
              "the end-to-end job on the embedded corpus (what `make demo` runs)"),
 }
@@ -59,6 +65,17 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                         "experiments/demo.py:runlocal")
     p.add_argument("--workdir", type=Path, required=required, metavar="DIR",
                    help="run directory: database, checkpoints, metrics, evaluation results")
+
+
+def _add_runner_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runner", choices=("local", "beam"), default="local",
+                   help="local: every stage in this process; beam: Apache Beam pipelines "
+                        "(install with pip install -e '.[beam]')")
+    p.add_argument("--beam-options", default="", metavar="OPTIONS",
+                   help="Beam pipeline options as one string, e.g. \"--runner=DirectRunner "
+                        "--direct_num_workers=2 --direct_running_mode=multi_processing\" "
+                        "(or --runner=DataflowRunner --project=... --region=... "
+                        "--temp_location=gs://...)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--force", action="store_true",
                    help="rebuild even if a complete database exists (a partial one resumes)")
+    _add_runner_args(p)
+
+    p = add("precompute-neighbours")
+    _add_config_args(p)
+    p.add_argument("--split", default="train",
+                   help="the split whose chunks query the database (default: train)")
+    p.add_argument("--force", action="store_true",
+                   help="recompute even if matching precomputed neighbours exist")
+    _add_runner_args(p)
+    p.add_argument("--fanout", default="", metavar="UxP",
+                   help="Beam: each element searches U query blocks against P index shards "
+                        "and merges them before the shuffle (default 16x1; the Pile plan in "
+                        "docs/notes/pile_build_plan.md uses 256x16)")
 
     p = add("train")
     _add_config_args(p)
@@ -90,8 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation split (default: config eval.split)")
     p.add_argument("--neighbours", type=int, default=None, metavar="K",
                    help="neighbours per chunk (default: config eval.num_neighbours, 10)")
-    p.add_argument("--retrieval", choices=("on", "off"), default="on",
-                   help="RETRO[ON] or RETRO[OFF] (the same weights with no neighbours)")
+    p.add_argument("--retrieval", choices=("on", "off", "random", "oracle"), default="on",
+                   help="RETRO[ON]; RETRO[OFF] (the same weights with no neighbours); or a "
+                        "retrieval diagnostic: random (database chunks drawn at random instead "
+                        "of the retrieved ones) or oracle (each chunk's own continuation as "
+                        "its neighbour: the most copying can gain)")
     p.add_argument("--leakage", action="store_true",
                    help="also compute the leakage-filtered bpb(alpha) curve")
     p.add_argument("--knn-lm", action="store_true",
@@ -126,12 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plot")
     p.add_argument("workdirs", nargs="+", type=Path, metavar="W", help="run directories")
     p.add_argument("--out", type=Path, default=Path("loss.png"), help="PNG file to write")
-    p.add_argument("--metric", default="loss", help="metric from metrics.jsonl (default: loss)")
+    p.add_argument("--metric", default="loss",
+                   help="metric from metrics.jsonl (default: loss), several comma-separated, or "
+                        "a group: 'diagnostics' (loss with retrieved, no, random and oracle "
+                        "neighbours) or 'cca' (each CCA layer's output norm relative to the "
+                        "residual stream)")
 
     p = add("compile")
     p.add_argument("--config", required=True, metavar="EXP.py[:ARG]", help="experiment file")
     p.add_argument("--topology", default="v5p:4x4x4",
-                   help="TPU topology name for jax.experimental.topologies, e.g. v5p:2x2x2")
+                   help="TPU topology name for jax.experimental.topologies, e.g. v5p:2x2x4 "
+                        "(v5p-32); 'cpu' = this process's CPU devices (no libtpu)")
+    p.add_argument("--json", action="store_true",
+                   help="print only the JSON report (one line), not the summary")
+    p.add_argument("--hbm-gib", type=float, default=None, metavar="GIB",
+                   help="HBM per chip (default: the chip table in retro_jax/train/aot.py)")
+    p.add_argument("--peak-tflops", type=float, default=None, metavar="TFLOPS",
+                   help="peak bf16 TFLOP/s per chip (default: the chip table)")
 
     p = add("demo")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"), metavar="DIR",

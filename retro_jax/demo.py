@@ -7,7 +7,9 @@ Stages, each reusing the command's own code path:
                 then RETRO-fitting (paper section 4.2): the trained baseline's decoder, frozen,
                 plus CCA and encoder trained on the same tokens        -> W/retrofit
   4. eval       RETRO[ON], RETRO[OFF], the baseline and the retrofit's ON / OFF: bits per byte
-                on held-out files and the bpb(alpha) curve             -> W/*/eval/*.json
+                on held-out files and the bpb(alpha) curve; the retrieval diagnostics
+                RETRO[random] (random database chunks as neighbours) and RETRO[oracle]
+                (each chunk's true continuation as its neighbour)      -> W/*/eval/*.json
   5. sample     one prompt, with the neighbours each generated chunk attended to
   6. report     the results table (W/results.md) and plots (W/leakage.png, W/loss.png)
 
@@ -44,9 +46,12 @@ def demo_configs(root: Path, *, quick: bool, num_devices: int | None = None):
 
 
 # (row label, run directory under W, evaluation mode), in the table's order.
+# RETRO[random] and RETRO[oracle] are the retrieval diagnostics (`retro-jax eval --retrieval`).
 EVALUATED = (("RETRO[ON]", "retro", "on"), ("RETRO[OFF]", "retro", "off"),
+             ("RETRO[random]", "retro", "random"), ("RETRO[oracle]", "retro", "oracle"),
              ("baseline", "baseline", "baseline"), ("RETRO-fit[ON]", "retrofit", "on"),
              ("RETRO-fit[OFF]", "retrofit", "off"))
+DIAGNOSTIC_MODES = ("random", "oracle")
 
 
 def verdicts(bpb: dict[str, float | None]) -> list[str]:
@@ -65,6 +70,10 @@ def verdicts(bpb: dict[str, float | None]) -> list[str]:
     if bpb.get("RETRO-fit[OFF]") is not None and bpb.get("baseline") is not None:
         lines.append(f"RETRO-fit[OFF] - baseline: {bpb['RETRO-fit[OFF]'] - bpb['baseline']:+.1e} "
                      "(0 up to float rounding: without neighbours the retrofit is the baseline)")
+    if bpb.get("RETRO[ON]") is not None and bpb.get("RETRO[random]") is not None:
+        gain = bpb["RETRO[random]"] - bpb["RETRO[ON]"]
+        lines.append(f"RETRO[ON] vs RETRO[random]: {gain:+.3f} bits per byte (what the retrieved "
+                     "neighbours are worth over unrelated text in the same format)")
     return [line for line in lines if line]
 
 
@@ -150,11 +159,13 @@ def run_demo(args) -> int:
             return 0
         lap(f"train {name}", t0)
 
-    _banner(4, "eval: RETRO[ON], RETRO[OFF], baseline, RETRO-fit[ON]/[OFF], leakage-filtered")
+    _banner(4, "eval: RETRO[ON]/[OFF]/[random]/[oracle], baseline, RETRO-fit[ON]/[OFF], "
+               "leakage-filtered")
     t0 = time.perf_counter()
     for _, name, mode in EVALUATED:
         retrieval = "on" if mode == "baseline" else mode  # a baseline has no retrieval to switch
-        evaluate_run(configs[name], root / name, retrieval=retrieval, leakage=True)
+        evaluate_run(configs[name], root / name, retrieval=retrieval,
+                     leakage=mode not in DIAGNOSTIC_MODES)
     lap("eval", t0)
 
     _banner(5, "sample: one prompt, with attribution")

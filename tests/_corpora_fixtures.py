@@ -83,3 +83,38 @@ def write_pile_layout(root: Path) -> Path:
     (root / "test" / "test.jsonl").write_bytes(
         jsonl_bytes([pile_record("test doc 1", "Enron Emails"), pile_record("test doc 2")]))
     return root
+
+
+def planted_text(rng, words: list[str], sentences: int) -> str:
+    return " ".join(" ".join(rng.choice(words, size=int(rng.integers(6, 12)))) + " ."
+                    for _ in range(sentences))
+
+
+def write_planted_pile(root: Path, *, num_docs: int = 60, num_eval: int = 12,
+                       sentences: int = 12, seed: int = 0) -> Path:
+    """A Pile-layout corpus of random-word documents in which retrieval is the only way to
+    predict: each train document also appears as a near-duplicate (the same text with its
+    last sentence replaced) and each validation document is a near-duplicate of a train
+    document. Without neighbours a model can only learn the word frequencies; with them it
+    can copy the next chunk from the near-duplicate's continuation."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    letters = list("abcdefghijklmnop")
+    words = sorted({"".join(rng.choice(letters, size=int(rng.integers(3, 7))))
+                    for _ in range(400)})
+    originals = [planted_text(rng, words, sentences) for _ in range(num_docs)]
+
+    def near_duplicate(text: str) -> str:
+        head = text.rsplit(" . ", 2)[0]
+        return head + " . " + planted_text(rng, words, 1)
+
+    train = []
+    for text in originals:
+        train += [pile_record(text), pile_record(near_duplicate(text))]
+    order = rng.permutation(len(train))
+    write_zst(root / "train" / "00.jsonl.zst", jsonl_bytes([train[i] for i in order]))
+    val = [pile_record(near_duplicate(originals[i])) for i in range(num_eval)]
+    write_zst(root / "val.jsonl.zst", jsonl_bytes(val))
+    write_zst(root / "test.jsonl.zst", jsonl_bytes(val[:2]))
+    return root

@@ -23,13 +23,13 @@ from data_pipeline.input_pipeline import (
     retrieve_chunk_neighbours,
 )
 from data_pipeline.resumable import KILL_ENV
-from data_pipeline.retrieval.bm25 import BM25_DIR, CANDIDATES_FILE
+from data_pipeline.retrieval.bm25 import BM25_DIR, QUERY_ARRAY
 from data_pipeline.retrieval.bm25_index import Bm25Index, top_k_from_scores
 from retro_jax.build_db import build_run_database
 from tests._db_fixtures import make_tiny_database, tiny_config, tiny_corpus
 
 REPO = Path(__file__).resolve().parent.parent
-BLOCK = 64  # candidate rows per resumable block: 841 train chunks -> 14 blocks
+BLOCK = 64  # candidate rows per resumable block: 841 train chunks in shards of 512 -> 8 + 6
 BM25 = {"database.retriever": "bm25"}
 K = 10  # index.num_neighbours, the candidate table width
 
@@ -66,7 +66,7 @@ def test_build_writes_candidates_and_the_bm25_index_not_keys(db):
     assert not (db.path / "index").exists()
     for split in ("train", "validation", "test"):
         arrays = db.split(split)
-        assert not (db.path / split / "keys.npy").exists()
+        assert not list((db.path / split).glob("keys-*.npy"))
         assert arrays.queries.dtype == np.int64  # the BM25 candidate rows
         assert arrays.queries.shape == (m["splits"][split]["num_chunks"], K)
     # bm25s's own files, no pickle: .npy arrays load with allow_pickle=False, the rest is JSON.
@@ -197,8 +197,10 @@ def _digests(path: Path) -> dict[str, str]:
 
 
 EVENTS = ["bm25/index/built", "bm25/index/saved",
-          *(f"bm25/train/block_{b:05d}/written" for b in (0, 6, 13)),
-          "bm25/validation/block_00001/written", "bm25/test/block_00000/written"]
+          *(f"bm25/train/shard_00000/block_{b:05d}/written" for b in (0, 6)),
+          "bm25/train/shard_00001/block_00005/written",
+          "bm25/validation/shard_00000/block_00001/written",
+          "bm25/test/shard_00000/block_00000/written"]
 
 
 def test_kill_during_the_candidate_stage_then_resume_is_byte_identical(db, tmp_path):
@@ -218,7 +220,7 @@ def test_kill_during_the_candidate_stage_then_resume_is_byte_identical(db, tmp_p
     assert partial_path(tmp_path / "db").is_dir() and not (tmp_path / "db").exists()
     resumed = _build(tmp_path)
     want, got = _digests(db.path), _digests(resumed.path)
-    assert got.keys() == want.keys() and CANDIDATES_FILE in " ".join(want)
+    assert got.keys() == want.keys() and f"train/{QUERY_ARRAY}-00001.npy" in want
     assert [k for k in want if got[k] != want[k]] == [], f"differs after kill at {event}"
 
 

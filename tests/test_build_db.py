@@ -29,7 +29,8 @@ from tests._db_fixtures import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-BLOCK = 64  # key rows per resumable block in these tests: 841 train chunks -> 14 blocks
+BLOCK = 64  # key rows per resumable block in these tests: 841 train chunks in shards of 512
+#            -> 8 + 6 blocks
 
 
 class CountingEmbedder(HashEmbedder):
@@ -55,6 +56,12 @@ def test_tiny_build_is_consistent(tmp_path):
     n = m["splits"]["train"]["num_chunks"]
     assert sum(s["num_chunks"] for s in m["shards"]) == n
     assert [s["first_chunk"] for s in m["shards"]] == list(range(0, n, 512))
+    # Every per-chunk array is cut at the same boundaries as the index.
+    assert m["shard_chunks"] == 512
+    assert [(s["first_chunk"], s["num_chunks"]) for s in m["splits"]["train"]["shards"]] == [
+        (s["first_chunk"], s["num_chunks"]) for s in m["shards"]]
+    assert set(m["splits"]["train"]["shards"][1]["files"]) == {"tokens", "doc_ids", "keys"}
+    db.verify()
     # Document rows point at their chunks; the chunks decode to the document text; doc ids
     # are unique across splits; keys are the embedder's keys of the decoded chunks.
     corpus = tiny_corpus()
@@ -134,13 +141,31 @@ def test_low_recall_fails_then_rerun_rebuilds_only_the_index(tmp_path):
         build_database(tiny_config(**bad), tmp_path / "db", corpus=corpus, embedder=embedder)
     assert partial_path(tmp_path / "db").is_dir() and not (tmp_path / "db").exists()
     calls = embedder.calls
-    good = {**bad, "index.num_leaves_to_search": 16, "index.reorder_k": 200,
-            "database.shard_chunks": 2000}
+    good = {**bad, "index.num_leaves_to_search": 16, "index.reorder_k": 200}
     db = build_database(tiny_config(**good), tmp_path / "db", corpus=corpus, embedder=embedder)
     assert embedder.calls == calls  # keys were kept
     assert db.manifest["index"]["recall_at_10"] >= 0.95
-    # The failed attempt's 3 shards are gone; one shard of the new size remains.
+    assert sorted(p.name for p in (db.path / "index").iterdir()) == [
+        "shard_00000", "shard_00001", "shard_00002"]
+
+
+def test_another_shard_size_leaves_no_orphans(tmp_path):
+    """A failed attempt's shards of another size (arrays and index) are not shipped."""
+    bad = {"index.brute_force_below": 10, "index.num_leaves": 8, "index.num_leaves_to_search": 1,
+           "index.reorder_k": 10, "index.recall_floor": 0.999, "database.shard_chunks": 100,
+           "database.eval_splits": ("validation",)}
+    corpus = tiny_corpus(8, eval_docs=2)
+    with pytest.raises(DataError, match=r"recall@10"):
+        build_database(tiny_config(**bad), tmp_path / "db", corpus=corpus,
+                       embedder=HashEmbedder())
+    assert len(list((partial_path(tmp_path / "db") / "train").glob("tokens-*.npy"))) > 1
+    db = build_database(tiny_config(**{"database.shard_chunks": 2000,
+                                       "database.eval_splits": ("validation",)}),
+                        tmp_path / "db", corpus=corpus, embedder=HashEmbedder())
     assert sorted(p.name for p in (db.path / "index").iterdir()) == ["shard_00000"]
+    assert sorted(p.name for p in (db.path / "train").iterdir()) == [
+        "doc_ids-00000.npy", "keys-00000.npy", "tokens-00000.npy"]
+    db.verify()
 
 
 # --------------------------------------------------------------------- kill -9 and resume
@@ -186,8 +211,12 @@ def _assert_same(clean: Path, resumed: Path, event: str) -> None:
     assert [k for k in want if got[k] != want[k]] == [], f"differs after kill at {event}"
 
 
-KEY_EVENTS = [f"keys/train/block_{b:05d}/written" for b in range(14)] + [
-    "keys/validation/block_00001/written", "keys/test/block_00000/written"]
+KEY_EVENTS = ([f"keys/train/shard_00000/block_{b:05d}/written" for b in range(8)]
+              + [f"keys/train/shard_00001/block_{b:05d}/written" for b in range(6)]
+              + ["keys/validation/shard_00000/block_00001/written",
+                 "keys/test/shard_00000/block_00000/written", "keys/train/shard_00000/done"])
+CHUNK_EVENTS = ["chunks/train/source_00000/done", "chunks/train/shard_00001/done",
+                "chunks/test/shard_00000/done"]
 INDEX_EVENTS = ["index/shard_00000/built", "index/shard_00000/saved",
                 "index/shard_00001/saved", "finalize/markers_removed"]
 
@@ -212,7 +241,7 @@ def clean_build_fresh_process(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("event", [KEY_EVENTS[0], KEY_EVENTS[7], KEY_EVENTS[-1],
+@pytest.mark.parametrize("event", [*CHUNK_EVENTS, KEY_EVENTS[0], KEY_EVENTS[7], KEY_EVENTS[-1],
                                    *INDEX_EVENTS])
 def test_kill_anywhere_then_resume_is_identical(tmp_path, clean_build_fresh_process, event):
     """Every build in its own process, as a user's rerun is."""
@@ -278,3 +307,43 @@ def test_a_run_on_a_database_of_another_corpus_is_refused(tmp_path):
         with pytest.raises(DataError, match=r"built from corpus\.kind='jsonl'.*--force"):
             open_run_database(tiny_config(**{"database.path": str(db.path), **other}),
                               tmp_path)
+
+
+# --------------------------------------------------------------------- precompute-neighbours
+def test_precompute_neighbours_command_writes_what_training_reads(tmp_path, capsys):
+    """`retro-jax precompute-neighbours` writes <db>/precomputed/train-k<k>x<o>; training's
+    ensure_precomputed_neighbours then reuses it (no recompute), and recomputes a directory
+    in the old TFRecord format."""
+    from retro_jax.cli import build_parser, main
+    from retro_jax.train.data import ensure_precomputed_neighbours, open_run_database
+
+    args = build_parser().parse_args([
+        "precompute-neighbours", "--config", "x.py", "--workdir", "w", "--runner", "beam",
+        "--beam-options=--runner=DirectRunner --direct_num_workers=2"])
+    assert args.runner == "beam" and args.beam_options.startswith("--runner=DirectRunner")
+    db = make_tiny_database(tmp_path, num_docs=8, eval_docs=2)
+    overrides = {"database.path": str(db.path), "data.num_neighbours": 2, "data.overfetch": 2}
+    experiment = tmp_path / "exp.py"
+    experiment.write_text(textwrap.dedent(f"""
+        from tests._db_fixtures import tiny_config
+
+        def get_config(arg=None):
+            return tiny_config(**{overrides!r})
+    """))
+    sys.path.insert(0, str(REPO))
+    rc = main(["precompute-neighbours", "--config", str(experiment), "--workdir",
+               str(tmp_path / "run")])
+    assert rc == 0, capsys.readouterr().err
+    out = db.path / "precomputed" / "train-k2x2"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["complete"]
+    assert manifest["settings"]["num_candidates"] == 4
+    stamp = (out / "candidates-00000.npy").stat().st_mtime_ns
+    config = tiny_config(**overrides)
+    run_db = open_run_database(config, tmp_path / "run")
+    assert ensure_precomputed_neighbours(config, run_db, "train") == out
+    assert (out / "candidates-00000.npy").stat().st_mtime_ns == stamp  # reused
+    manifest["format_version"] = 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    ensure_precomputed_neighbours(config, run_db, "train")  # old format: recomputed
+    assert json.loads((out / "manifest.json").read_text())["format_version"] == 2

@@ -130,13 +130,14 @@ def _rewrite_manifest(change):
 
 
 @pytest.mark.parametrize("corrupt, message", [
-    (lambda p: _truncate(p / "train" / "tokens.npy"), r"train/tokens\.npy.*truncated"),
-    (lambda p: _truncate(p / "train" / "keys.npy"), r"train/keys\.npy.*truncated"),
-    (lambda p: (p / "validation" / "doc_ids.npy").unlink(), r"validation/doc_ids\.npy is missing"),
-    (lambda p: np.save(p / "train" / "doc_ids.npy", np.zeros(3, np.int64)),
-     r"train/doc_ids\.npy: found int64 \[3\]"),
-    (lambda p: np.save(p / "validation" / "keys.npy", np.zeros((5, DIM), np.float64)),
-     r"validation/keys\.npy: found float64"),
+    (lambda p: _truncate(p / "train" / "tokens-00000.npy"), r"train/tokens-00000\.npy.*truncated"),
+    (lambda p: _truncate(p / "train" / "keys-00000.npy"), r"train/keys-00000\.npy.*truncated"),
+    (lambda p: (p / "validation" / "doc_ids-00000.npy").unlink(),
+     r"validation/doc_ids-00000\.npy is missing"),
+    (lambda p: np.save(p / "train" / "doc_ids-00000.npy", np.zeros(3, np.int64)),
+     r"train/doc_ids-00000\.npy: found int64 \[3\]"),
+    (lambda p: np.save(p / "validation" / "keys-00000.npy", np.zeros((5, DIM), np.float64)),
+     r"validation/keys-00000\.npy: found float64"),
     (lambda p: (p / "tokenizer.model").write_bytes(b"x"), r"tokenizer\.model: sha256 differs"),
     (lambda p: (p / "tokenizer.model").unlink(), r"tokenizer\.model is missing"),
     (lambda p: (p / "documents.jsonl").unlink(), r"documents\.jsonl is missing"),
@@ -144,7 +145,11 @@ def _rewrite_manifest(change):
     (_rewrite_manifest(lambda m: m.update(format_version=0)), r"format_version 0"),
     (_rewrite_manifest(lambda m: m.update(complete=False)), r"not complete"),
     (_rewrite_manifest(lambda m: m["splits"]["train"].update(num_chunks=2)),
-     r"train/tokens\.npy: found int32 \[\d+, 8\], the manifest says int32 \[2, 8\]"),
+     r"splits\.train: num_chunks is 2 but its shards hold \d+ chunks"),
+    (_rewrite_manifest(lambda m: m["splits"]["train"]["shards"][0].update(num_chunks=2)),
+     r"splits\.train: num_chunks is \d+ but its shards hold 2 chunks"),
+    (_rewrite_manifest(lambda m: m.update(format_version=1)),
+     r"single-file layout of format_version 1.*retro-jax build-db .*--force"),
     (lambda p: (p / MANIFEST).write_text("{"), r"not valid JSON"),
 ])
 def test_corruption_is_detected_on_open(db_copy, corrupt, message):
@@ -178,3 +183,54 @@ def test_writer_refuses_to_overwrite(built, tmp_path):
     with pytest.raises(DataError, match="already exists.*--force"):
         writer.finish()
     shutil.rmtree(writer.partial)
+
+
+def test_verify_compares_every_file_with_the_manifest(db_copy):
+    RetrievalDatabase.open(db_copy).verify()
+    keys = db_copy / "train" / "keys-00000.npy"
+    data = bytearray(keys.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes: opening cannot tell, verify can
+    keys.write_bytes(bytes(data))
+    db = RetrievalDatabase.open(db_copy)
+    with pytest.raises(DataError, match=r"train/keys-00000\.npy.*--force"):
+        db.verify()
+
+
+def test_a_split_in_several_shards_reads_as_one_array(built, tmp_path):
+    """write_split cuts the arrays into shards of shard_chunks rows; the reader serves them as
+    one array (a ShardedArray) that indexes like the in-memory one."""
+    from data_pipeline.shards import ShardedArray
+
+    db, tok, tokens = built
+    n = len(tokens)
+    keys = np.arange(n * DIM, dtype=np.float32).reshape(n, DIM)
+    doc_ids = np.repeat(np.arange(n // 4 + 1), 4)[:n]
+    writer = DatabaseWriter(tmp_path / "sharded", chunk_len=M, tokenizer_path=tok.path,
+                            embedder_name="stub", embed_dim=DIM, shard_chunks=7)
+    writer.write_split("train", tokens, doc_ids, keys)
+    writer.build_index(shard_chunks=n)
+    sharded = writer.finish()
+    shards = sharded.manifest["splits"]["train"]["shards"]
+    assert [s["num_chunks"] for s in shards] == [7] * (n // 7) + ([n % 7] if n % 7 else [])
+    assert sharded.manifest["shard_chunks"] == 7
+    train = sharded.split("train")
+    assert isinstance(train.tokens, ShardedArray) and train.tokens.shape == tokens.shape
+    for index in (3, -1, slice(2, 19), slice(None, None, 3), [0, 20, 6, 6], np.array([[1, 15]]),
+                  doc_ids == 2, (slice(5, 16), 0), (np.array([9, 1]), slice(2, 4)), (4, 1)):
+        np.testing.assert_array_equal(train.tokens[index], tokens[index], err_msg=str(index))
+        np.testing.assert_array_equal(train.queries[index], keys[index], err_msg=str(index))
+    np.testing.assert_array_equal(np.asarray(train.doc_ids), doc_ids)
+    assert (train.doc_ids == doc_ids).all() and len(train.doc_ids) == n
+    np.testing.assert_array_equal(list(train.tokens), list(tokens))
+    with pytest.raises(IndexError):
+        train.tokens[n]
+    # neighbour tokens (continuations across shard boundaries) as from one array
+    ids = np.array([[6, 7], [13, -1]])
+    want = np.zeros((2, 2, 2 * M), np.int32)
+    for (i, j), c in np.ndenumerate(ids):
+        if c >= 0:
+            want[i, j, :M] = tokens[c]
+            if c + 1 < n and doc_ids[c + 1] == doc_ids[c]:
+                want[i, j, M:] = tokens[c + 1]
+    np.testing.assert_array_equal(sharded.neighbour_tokens(ids), want)
+    sharded.verify()

@@ -108,6 +108,40 @@ def test_stride_retrieval_per_chunk_and_leakage(tiny_db, tiny_model):
         on.overall.nll / math.log(2) / chunk_bytes.sum(), rel=1e-9)
 
 
+def test_random_and_oracle_neighbour_diagnostics(tiny_db, tiny_model):
+    from retro_jax.evaluate.evaluator import substitute_neighbours
+    from retro_jax.train.diagnostics import oracle_neighbours
+
+    inputs = np.arange(1, 2 * SEQ + 1, dtype=np.int32).reshape(2, SEQ)
+    batch = {"inputs": inputs, "chunk_ids": np.array([[0, 1, 2, 3], [4, 5, -1, -1]]),
+             "neighbours": np.zeros((2, SEQ // M, 2, 2 * M), np.int32)}
+    oracle = substitute_neighbours("oracle", batch, tiny_db, M)
+    np.testing.assert_array_equal(oracle, oracle_neighbours(inputs, M, 2))
+    np.testing.assert_array_equal(oracle[0, 1, 0], inputs[0, M:3 * M])  # [C_1 ; C_2]
+    random = substitute_neighbours("random", batch, tiny_db, M)
+    # Deterministic per chunk id, whatever the batch: chunk 4's draw alone is the same.
+    alone = {"inputs": inputs[1:], "chunk_ids": batch["chunk_ids"][1:],
+             "neighbours": batch["neighbours"][1:]}
+    np.testing.assert_array_equal(substitute_neighbours("random", alone, tiny_db, M)[0],
+                                  random[1])
+    assert (random[1, 2:] == 0).all() and (random[0] != 0).any()  # padding chunks stay empty
+    # Every random neighbour is [chunk ; continuation] of some database chunk.
+    train = tiny_db.split("train").tokens
+    all_windows = tiny_db.neighbour_tokens(np.arange(train.shape[0]))
+    for window in random[0].reshape(-1, 2 * M):
+        assert (all_windows == window).all(axis=1).any()
+
+    kwargs = dict(seq_len=SEQ, stride=SEQ, num_neighbours=2, batch_size=4, progress=False)
+    on = evaluate(tiny_model, tiny_db, "validation", **kwargs)
+    results = {source: evaluate(tiny_model, tiny_db, "validation", neighbour_source=source,
+                                **kwargs) for source in ("random", "oracle")}
+    for result in results.values():
+        assert result.overall.tokens == on.overall.tokens
+        assert result.overall.nll != pytest.approx(on.overall.nll, rel=1e-6)
+    with pytest.raises(ValueError, match="neighbour_source"):
+        evaluate(tiny_model, tiny_db, "validation", neighbour_source="shuffled", **kwargs)
+
+
 def test_max_documents_and_knn_lm(tiny_db, tiny_model):
     scorer = make_scorer(tiny_model, with_hidden=True)
     from data_pipeline.input_pipeline import make_eval_windows

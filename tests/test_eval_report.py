@@ -45,6 +45,7 @@ def _write(workdir, record):
 
 def test_eval_mode():
     assert eval_mode(True, "on") == "on" and eval_mode(True, "off") == "off"
+    assert eval_mode(True, "random") == "random" and eval_mode(True, "oracle") == "oracle"
     assert eval_mode(False, "on") == "baseline"
     assert eval_mode(False, "on", knn_lm=True) == "knn-lm"
     with pytest.raises(ValueError):
@@ -67,19 +68,22 @@ def test_report_groups_on_off_and_sets_paper_figures(tmp_path):
     _write(retro, _record("wt-retro", "on", "validation", 25.0, leakage=curve_on))
     _write(retro, _record("wt-retro", "off", "validation", 30.0,
                           leakage=[(0.0, 1.2, 0.2), (1.0, 1.1, 1.0)]))
+    _write(retro, _record("wt-retro", "random", "validation", 29.0))
     _write(base, _record("wt-base", "baseline", "validation", 31.0))
     _write(base, _record("wt-base", "knn-lm", "validation", 28.0))
     (retro / "eval" / "junk.json").write_text("{not json")
     records = load_results([retro, base])
-    assert {r["mode"] for r in records} == {"on", "off", "baseline", "knn-lm"}
+    assert {r["mode"] for r in records} == {"on", "off", "random", "baseline", "knn-lm"}
     report = build_report([retro, base])
     lines = [line for line in report.splitlines() if line.startswith("| wt-")]
     retro_row = next(line for line in lines if "(RETRO)" in line)
-    # ON and OFF side by side in one row, then the filtered columns and the paper's figure.
-    assert "| 25.000 | 30.000 |" in retro_row and "18.46" in retro_row
+    # ON, OFF, random neighbours and oracle (not evaluated: –) side by side in one row, then
+    # the filtered columns and the paper's figure.
+    assert "| 25.000 | 30.000 | 29.000 | – |" in retro_row and "18.46" in retro_row
+    assert "random neighbours" in report.splitlines()[2]
     assert "| 1.100 | 1.000 | 0.900 |" in retro_row
     base_row = next(line for line in lines if "(baseline)" in line)
-    assert "| – | 31.000 |" in base_row and "21.53" in base_row
+    assert "| – | 31.000 | – | – |" in base_row and "21.53" in base_row
     knn_row = next(line for line in lines if "(kNN-LM)" in line)
     assert "| 28.000 | – |" in knn_row and "18.52" in knn_row
     assert "1.2M (1.0M)" in retro_row and "50.0k" in retro_row

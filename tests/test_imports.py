@@ -1,7 +1,7 @@
 """The import graph: imports go one way, down the data flow, and never in a circle.
 
     data_pipeline:  corpora -> text -> retrieval -> database -> input_pipeline
-                    (errors, fileio, progress, resumable: shared by all)
+                    (errors, fileio, progress, resumable, shards, beam_runner: shared by all)
     retro_jax:      configs -> models -> train -> evaluate -> sample -> commands
                     (build_db, demo, sweep, cli: the wiring that reads whole configs)
 
@@ -20,7 +20,8 @@ PACKAGES = ("data_pipeline", "retro_jax")
 # Stage of each subpackage / top-level module: a module may import stages <= its own.
 STAGES = {
     "data_pipeline": 0, "data_pipeline.errors": 0, "data_pipeline.fileio": 0,
-    "data_pipeline.progress": 0, "data_pipeline.resumable": 0,
+    "data_pipeline.progress": 0, "data_pipeline.resumable": 0, "data_pipeline.shards": 0,
+    "data_pipeline.beam_runner": 0,
     "data_pipeline.corpora": 1, "data_pipeline.text": 2, "data_pipeline.retrieval": 3,
     "data_pipeline.database": 4, "data_pipeline.input_pipeline": 5,
     "retro_jax": 10, "retro_jax.configs": 10, "retro_jax.models": 11, "retro_jax.train": 12,

@@ -347,3 +347,22 @@ def test_dropout_on_every_residual_branch():
     cca_train, _ = block.chunked_cross_attention(x, encoded, mask, dropout_rng=key)
     assert not np.allclose(cca_train, cca_eval)
     np.testing.assert_allclose(cca_train[:, :CHUNK - 1], x[:, :CHUNK - 1])  # no CCA there
+
+
+def test_encoder_embedding_output_reads_the_output_projection():
+    cfg = tiny_config(encoder_embedding="output")
+    model = new_model(cfg, 2)
+    tokens = jnp.array([[1, 5, 9]])
+    want = model.output.kernel[...].T[tokens] * cfg.d_model ** 0.5
+    np.testing.assert_allclose(model.neighbour_embedding(tokens), want, rtol=1e-6)
+    # Gradients through the neighbours' embedding reach the output projection's columns.
+    grads = nnx.grad(lambda m: m.neighbour_embedding(tokens).sum())(model)
+    column_norms = np.linalg.norm(np.asarray(grads["output"]["kernel"][...]), axis=0)
+    assert (column_norms[[1, 5, 9]] > 0).all() and column_norms.sum() == column_norms[
+        [1, 5, 9]].sum()
+    # Tied: the output table is the embedding, so "output" reads the same vectors as "input".
+    tied = new_model(tiny_config(encoder_embedding="output", tie_embeddings=True), 3)
+    np.testing.assert_allclose(tied.neighbour_embedding(tokens), tied.embed(tokens), rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="encoder_embedding"):
+        tiny_config(encoder_embedding="shared")

@@ -61,10 +61,11 @@ def test_demo_verdicts():
     from retro_jax.demo import verdicts
 
     lines = verdicts({"RETRO[ON]": 2.40, "RETRO[OFF]": 2.41, "baseline": 2.39,
-                      "RETRO-fit[ON]": 2.38, "RETRO-fit[OFF]": 2.39})
+                      "RETRO-fit[ON]": 2.38, "RETRO-fit[OFF]": 2.39, "RETRO[random]": 2.45})
     assert lines[0] == "RETRO[ON] vs baseline: -0.010 bits per byte (retrieval does not help here)"
     assert lines[1].startswith("RETRO-fit[ON] vs baseline: +0.010 bits per byte (retrieval helps;")
     assert lines[2].startswith("RETRO-fit[OFF] - baseline: +0.0e+00")
+    assert lines[3].startswith("RETRO[ON] vs RETRO[random]: +0.050 bits per byte")
     assert verdicts({"RETRO[ON]": 2.0}) == []
 
 

@@ -88,7 +88,12 @@ def test_runlocal_training_writes_metrics_tensorboard_and_checkpoints(reference)
 
     tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(events[0]))
             for v in e.summary.value}
-    assert {"loss", "lr", "mfu", "eval_loss"} <= tags
+    assert {"loss", "lr", "mfu", "eval_loss", "diag_loss_oracle"} <= tags
+    # Retrieval diagnostics ride along with every evaluation (retro_jax/train/diagnostics.py).
+    for row in evals:
+        for variant in ("on", "off", "random", "oracle"):
+            assert math.isfinite(row[f"diag_loss_{variant}"])
+            assert math.isfinite(row[f"diag_bpb_{variant}"])
     assert Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [4, 8, 12]
     assert (workdir / "config.json").is_file()
 

@@ -157,15 +157,22 @@ def test_plot_renders_several_runs(tmp_path):
         writer = metrics_lib.MetricWriter(run, total_steps=5, tensorboard=False,
                                           progress="none")
         for step in range(1, 6):
-            writer.write(step, {"loss": scale * 5 / step})
+            writer.write(step, {"loss": scale * 5 / step, "diag_loss_on": 1.0 / step,
+                                "diag_loss_off": 2.0 / step})
         writer.close()
         (run / "config.json").write_text(json.dumps({"name": f"demo-{name}"}))
         runs.append(run)
     out = tmp_path / "plots" / "loss.png"
     assert run_plot(Namespace(workdirs=runs, out=out, metric="loss")) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ConfigError, match="available: loss"):
+    with pytest.raises(ConfigError, match="available: diag_loss_off, diag_loss_on, loss"):
         run_plot(Namespace(workdirs=runs, out=out, metric="eval_loss"))
+    from retro_jax.train.plot import expand_metric
+
+    records = metrics_lib.read_metrics(runs[0])
+    assert expand_metric("diagnostics", records) == ["diag_loss_off", "diag_loss_on"]
+    assert expand_metric("loss,diag_loss_on", records) == ["loss", "diag_loss_on"]
+    assert run_plot(Namespace(workdirs=runs, out=out, metric="diagnostics")) == 0
 
 
 def test_compile_without_libtpu_says_what_to_install(capsys, repo_root):

@@ -4,6 +4,11 @@ A corpus streams documents one split at a time, lazily and in a deterministic or
 database build can read a corpus of any size in constant memory. Readers implement
 `_iter_split`; the base class adds the `max_documents` cap and the per-split bookkeeping of
 `ReadStats` (documents yielded, documents skipped and why).
+
+Readers whose documents come from several files also name their `sources` (a file, or a run
+of files): `source_documents(split, s)` for each source in turn yields exactly the documents of
+`documents(split)` before the `max_documents` cap, so a parallel build reads the sources on
+different workers and still numbers the documents in corpus order.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from data_pipeline.corpora.stats import ReadStats
 from data_pipeline.errors import DataError
 
 SPLITS = ("train", "validation", "test")
+WHOLE_SPLIT = "*"  # the one source of a reader that cannot be read in parts
+# Files per source for readers of one document per file (textdir, stdlib).
+FILES_PER_SOURCE = 256
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -88,9 +96,35 @@ class Corpus(abc.ABC):
         # A pass stopped by the cap did not see the end of the split.
         self._stats.finish_split(split, complete=not (capped and count == self.max_documents))
 
+    def sources(self, split: str) -> list[str]:
+        """Names of the parts of `split` that can be read independently, in corpus order (the
+        default: the whole split as one source)."""
+        check_split(split)
+        return [WHOLE_SPLIT]
+
+    def source_documents(self, split: str, source: str) -> Iterator[Document]:
+        """The documents of one source of `split`, in corpus order, without the
+        `max_documents` cap (which counts over the whole split: the caller applies it)."""
+        check_split(split)
+        if source == WHOLE_SPLIT:
+            return self._iter_split(split)
+        if source not in self.sources(split):
+            raise DataError(f"{self.kind} corpus: no source {source!r} in split {split!r}")
+        return self._iter_source(split, source)
+
+    def _iter_source(self, split: str, source: str) -> Iterator[Document]:
+        """Documents of one source named by `sources` (readers with several sources)."""
+        raise DataError(f"{type(self).__name__} reads {split!r} as one source, not {source!r}")
+
     @abc.abstractmethod
     def _iter_split(self, split: str) -> Iterator[Document]:
         """All documents of `split`, skips recorded in `self.stats` (split already checked)."""
+
+
+def file_groups(files: list[str], size: int = FILES_PER_SOURCE) -> dict[str, list[str]]:
+    """Sources of a one-document-per-file reader: runs of `size` files in order, named
+    "files/00000", "files/00001", ..."""
+    return {f"files/{i // size:05d}": files[i:i + size] for i in range(0, len(files), size)}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.description}>"

@@ -69,32 +69,39 @@ class JsonlCorpus(Corpus):
     def _split_of(self, key: str) -> str:
         return hash_split(key, self.validation_percent, self.test_percent)
 
+    def sources(self, split: str) -> list[str]:
+        """One source per file."""
+        return list(self.files)
+
     def _iter_split(self, split: str) -> Iterator[Document]:
-        stats = self.stats
         for rel in self.files:
-            source = _source_name(rel)
-            for line_no, raw in iter_lines(self.root / rel):
-                doc_id = f"{rel}:{line_no}"
-                id_split = self._split_of(doc_id)
-                # Without a title field the id decides: other splits' lines are not parsed.
-                if not self.title_field and id_split != split:
+            yield from self._iter_source(split, rel)
+
+    def _iter_source(self, split: str, rel: str) -> Iterator[Document]:
+        stats = self.stats
+        source = _source_name(rel)
+        for line_no, raw in iter_lines(self.root / rel):
+            doc_id = f"{rel}:{line_no}"
+            id_split = self._split_of(doc_id)
+            # Without a title field the id decides: other splits' lines are not parsed.
+            if not self.title_field and id_split != split:
+                continue
+            # A line that does not parse is attributed to the split of its id.
+            record = parse_json_line(raw, split, rel, line_no,
+                                     stats if id_split == split else None)
+            if record is None:
+                continue
+            title = doc_id
+            if self.title_field:
+                value = record.get(self.title_field)
+                if isinstance(value, str | int) and not isinstance(value, bool) \
+                        and str(value):
+                    title = str(value)
+                if self._split_of(title) != split:
                     continue
-                # A line that does not parse is attributed to the split of its id.
-                record = parse_json_line(raw, split, rel, line_no,
-                                         stats if id_split == split else None)
-                if record is None:
-                    continue
-                title = doc_id
-                if self.title_field:
-                    value = record.get(self.title_field)
-                    if isinstance(value, str | int) and not isinstance(value, bool) \
-                            and str(value):
-                        title = str(value)
-                    if self._split_of(title) != split:
-                        continue
-                    if title == doc_id:
-                        stats.note(split, reasons.MISSING_TITLE)
-                text = record_text(record, self.text_field, split, rel, line_no, stats)
-                if text is None:
-                    continue
-                yield Document(doc_id, title, text, source)
+                if title == doc_id:
+                    stats.note(split, reasons.MISSING_TITLE)
+            text = record_text(record, self.text_field, split, rel, line_no, stats)
+            if text is None:
+                continue
+            yield Document(doc_id, title, text, source)

@@ -96,13 +96,16 @@ class PileCorpus(Corpus):
                 f"test {self.test_percent}%")
         return f"pile at {self.path} (text field {self.text_field!r}); {rule}"
 
+    def sources(self, split: str) -> list[str]:
+        """One source per file (of the split's directory, or of the whole corpus)."""
+        return list(self.split_files[split] if self.split_files else self.files)
+
     def _iter_split(self, split: str) -> Iterator[Document]:
-        if self.split_files:
-            for rel in self.split_files[split]:
-                yield from self._read_file(rel, split, hashed=False)
-        else:
-            for rel in self.files:
-                yield from self._read_file(rel, split, hashed=True)
+        for rel in self.sources(split):
+            yield from self._iter_source(split, rel)
+
+    def _iter_source(self, split: str, rel: str) -> Iterator[Document]:
+        return self._read_file(rel, split, hashed=not self.split_files)
 
     def _read_file(self, rel: str, split: str, *, hashed: bool) -> Iterator[Document]:
         stats = self.stats

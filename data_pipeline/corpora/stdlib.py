@@ -26,13 +26,14 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_pipeline.corpora.base import Corpus, Document
+from data_pipeline.corpora.base import Corpus, Document, file_groups
 from data_pipeline.corpora.files import read_text_file, walk_files
 from data_pipeline.corpora.split import check_split_percents, hash_split
 from data_pipeline.errors import DataError
 
 SOURCE_FILES = "stdlib"
 SOURCE_TOPICS = "pydoc"
+TOPICS_SOURCE = "pydoc_topics"  # the source (in `sources`) of the topics
 
 _PRUNED_DIRS = {"__pycache__", "site-packages", "dist-packages", "lib-dynload", "pydoc_data"}
 _TEST_DIRS = re.compile(r"^(test|tests|\w+_test)$")
@@ -94,12 +95,25 @@ class StdlibCorpus(Corpus):
     def _in_split(self, title: str, split: str) -> bool:
         return hash_split(title, self.validation_percent, self.test_percent) == split
 
+    def sources(self, split: str) -> list[str]:
+        """Runs of FILES_PER_SOURCE files, then the pydoc topics."""
+        return [*file_groups(self.files), TOPICS_SOURCE]
+
     def _iter_split(self, split: str) -> Iterator[Document]:
-        for rel in self.files:
+        for source in self.sources(split):
+            yield from self._iter_source(split, source)
+
+    def _iter_source(self, split: str, source: str) -> Iterator[Document]:
+        if source == TOPICS_SOURCE:
+            yield from self._topics(split)
+            return
+        for rel in file_groups(self.files)[source]:
             if self._in_split(rel, split):  # decided before reading: a pass reads its files
                 text = read_text_file(self.root / rel, rel, split, self.stats)
                 if text is not None:
                     yield Document(rel, rel, text, SOURCE_FILES)
+
+    def _topics(self, split: str) -> Iterator[Document]:
         topics = pydoc_topics()
         for name in sorted(topics):
             if self._in_split(name, split):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from data_pipeline.corpora.base import Corpus, Document
+from data_pipeline.corpora.base import Corpus, Document, file_groups
 from data_pipeline.corpora.files import existing_path, read_text_file, walk_files
 from data_pipeline.corpora.split import check_split_percents, hash_split
 from data_pipeline.errors import DataError
@@ -46,8 +46,16 @@ class TextDirCorpus(Corpus):
                 f"sha256 of relative path: validation {self.validation_percent}%, "
                 f"test {self.test_percent}%")
 
+    def sources(self, split: str) -> list[str]:
+        """Runs of FILES_PER_SOURCE files."""
+        return list(file_groups(self.files))
+
     def _iter_split(self, split: str) -> Iterator[Document]:
-        for rel in self.files:
+        for source in self.sources(split):
+            yield from self._iter_source(split, source)
+
+    def _iter_source(self, split: str, source: str) -> Iterator[Document]:
+        for rel in file_groups(self.files)[source]:
             if hash_split(rel, self.validation_percent, self.test_percent) != split:
                 continue
             text = read_text_file(self.root / rel, rel, split, self.stats)

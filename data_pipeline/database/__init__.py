@@ -1,13 +1,16 @@
 """The retrieval database: one directory, one manifest, memory-mapped arrays.
 
     db = build_database(path, corpus=open_corpus(...), retriever=make_retriever("bert", ...),
-                        tokenizer=TokenizerSettings(...), chunking=ChunkSettings(...))
+                        tokenizer=TokenizerSettings(...), chunking=ChunkSettings(...),
+                        runner=LocalRunner() | BeamRunner(options))   # the same bytes
     db = RetrievalDatabase.open(path, expect_chunk_len=64, retriever=...)   # checked
     db.split("train").tokens / .doc_ids / .queries ; db.neighbour_tokens(ids) ; db.documents
+    db.verify()                                                  # sha256s against the manifest
 
-Modules: layout (file names, manifest version), reader (RetrievalDatabase, DocumentTable),
-writer (DatabaseWriter, publish), build (the resumable stages), synthetic (small databases
-from generated documents, for tests and benchmarks).
+Modules: layout (file names, sharded layout, manifest version), reader (RetrievalDatabase,
+DocumentTable), writer (DatabaseWriter, publish), build (the stages, in order), chunking
+(the chunk stages: read corpus sources, plan doc ids and caps, write chunk shards), synthetic
+(small databases from generated documents, for tests and benchmarks).
 """
 
 from data_pipeline.database.build import (

@@ -2,10 +2,13 @@
 manifest and the caller's expectations, then serves memory-mapped split arrays, the document
 table and neighbour tokens.
 
-The layout is in data_pipeline/database/layout.py; the retriever named by the manifest
-(data_pipeline/retrieval) adds its own files: a per-split query array (`<split>/keys.npy` or
-`<split>/bm25_candidates.npy`) and search structures. Any mismatch is a `DataError` that names
-the file and the command to run.
+The layout is in data_pipeline/database/layout.py: every per-chunk array of a split is a set
+of `.npy` shards listed in the manifest; the retriever named by the manifest
+(data_pipeline/retrieval) adds its own files: a per-split query array (`keys-XXXXX.npy` or
+`bm25_candidates-XXXXX.npy` shards) and search structures. Opening checks every listed file's
+header (dtype, shape, size) without reading or mapping its data; `verify()` also compares
+every file's sha256 with the manifest's. Arrays are memory-mapped shard by shard when first
+read. Any mismatch is a `DataError` that names the file and the command to run.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from data_pipeline.database.layout import (
     rebuild_hint,
 )
 from data_pipeline.errors import DataError
-from data_pipeline.fileio import file_sha256
+from data_pipeline.fileio import dir_sha256, file_sha256
 from data_pipeline.retrieval import Retriever, manifest_kind, retriever_class
+from data_pipeline.shards import npy_header, open_rows
 from data_pipeline.text.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -38,6 +42,8 @@ class SplitArrays(NamedTuple):
 
     queries: each chunk's query row for the database's retriever (`Retriever.query_array`:
     float32 [N, dim] keys, or int64 [N, K] BM25 candidates); None when the split has none.
+    Each is a np.memmap when the split is one shard, else a `data_pipeline.shards.
+    ShardedArray` (indexes like an array; `np.asarray` reads it whole).
     """
 
     tokens: np.ndarray  # int32 [N, m]
@@ -128,6 +134,12 @@ class RetrievalDatabase:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{manifest_path} is not valid JSON ({e}); {rebuild_hint(path)}") from e
+        if manifest.get("format_version") == 1:
+            raise DataError(f"{manifest_path}: the database is in the single-file layout of "
+                            "format_version 1 (<split>/tokens.npy, doc_ids.npy, keys.npy); "
+                            f"this version reads the sharded layout (format_version "
+                            f"{FORMAT_VERSION}, <split>/tokens-00000.npy, ... with checksums "
+                            f"in the manifest): {rebuild_hint(path)}")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{manifest_path}: format_version {manifest.get('format_version')!r}, "
                             f"this code reads {FORMAT_VERSION}; {rebuild_hint(path)}")
@@ -181,39 +193,103 @@ class RetrievalDatabase:
         if not (self.path / DOCUMENTS_FILE).is_file():
             raise DataError(f"{self.path / DOCUMENTS_FILE} is missing; {rebuild_hint(self.path)}")
         for split in self.manifest["splits"]:
-            self._load_split(split)
+            self._check_split_files(split)
         self.retriever_class.check_files(self.path, self.manifest)
 
-    def _load_array(self, split: str, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
-        file = self.path / split / f"{name}.npy"
+    def _array_specs(self, split: str) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """name -> (dtype, row shape) of the per-chunk arrays a split has."""
+        specs = {name: (np.dtype(dtype), (self.chunk_len,) if per_token else ())
+                 for name, (dtype, per_token) in CHUNK_ARRAYS.items()}
+        if self.retriever_class.has_queries(self.manifest["splits"][split]):
+            dtype, width = self.retriever_class.query_array_spec(self.manifest)
+            specs[self.retriever_class.query_array] = (np.dtype(dtype), (int(width),))
+        return specs
+
+    def _split_shards(self, split: str) -> list[dict]:
+        info = self.manifest["splits"][split]
+        where = f"{self.path / MANIFEST}: splits.{split}"
+        shards = info.get("shards")
+        if not isinstance(shards, list):
+            raise DataError(f"{where} has no shard list; {rebuild_hint(self.path)}")
+        n = int(info["num_chunks"])
+        first = 0
+        for i, shard in enumerate(shards):
+            if int(shard["first_chunk"]) != first:
+                raise DataError(f"{where}.shards[{i}] starts at chunk {shard['first_chunk']}, "
+                                f"expected {first} (shards must tile the split); "
+                                f"{rebuild_hint(self.path)}")
+            first += int(shard["num_chunks"])
+        if first != n:
+            raise DataError(f"{where}: num_chunks is {n} but its shards hold {first} chunks; "
+                            f"{rebuild_hint(self.path)}")
+        return shards
+
+    def _check_array_file(self, rel: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        file = self.path / rel
+        expected = f"{dtype.name} {list(shape)}"
         if not file.is_file():
-            raise DataError(f"{file} is missing (expected {np.dtype(dtype).name} {list(shape)}); "
+            raise DataError(f"{file} is missing (expected {expected}); "
                             f"{rebuild_hint(self.path)}")
         try:
-            array = np.load(file, mmap_mode="r", allow_pickle=False)
+            found_shape, found_dtype, _ = npy_header(file)
         except (ValueError, OSError) as e:
-            raise DataError(f"{file} is truncated or corrupt ({e}); expected "
-                            f"{np.dtype(dtype).name} {list(shape)}; "
+            raise DataError(f"{file} is truncated or corrupt ({e}); expected {expected}; "
                             f"{rebuild_hint(self.path)}") from e
-        if array.dtype != dtype or array.shape != shape:
-            raise DataError(f"{file}: found {array.dtype} {list(array.shape)}, the manifest "
-                            f"says {np.dtype(dtype).name} {list(shape)}; {rebuild_hint(self.path)}")
-        return array
+        if found_dtype != dtype or found_shape != shape:
+            raise DataError(f"{file}: found {found_dtype} {list(found_shape)}, the manifest "
+                            f"says {expected}; {rebuild_hint(self.path)}")
+
+    def _check_split_files(self, split: str) -> None:
+        specs = self._array_specs(split)
+        for i, shard in enumerate(self._split_shards(split)):
+            files = shard.get("files", {})
+            for name, (dtype, row_shape) in specs.items():
+                if name not in files:
+                    raise DataError(f"{self.path / MANIFEST}: splits.{split}.shards[{i}] lists "
+                                    f"no {name} file; {rebuild_hint(self.path)}")
+                self._check_array_file(files[name]["file"], dtype,
+                                       (int(shard["num_chunks"]), *row_shape))
+
+    def _open_array(self, split: str, name: str) -> np.ndarray:
+        dtype, row_shape = self._array_specs(split)[name]
+        shards = self._split_shards(split)
+        return open_rows([self.path / s["files"][name]["file"] for s in shards],
+                         [int(s["num_chunks"]) for s in shards], dtype, row_shape)
 
     def _load_split(self, split: str) -> SplitArrays:
         if split not in self._splits:
-            info = self.manifest["splits"][split]
-            n = int(info["num_chunks"])
-            arrays = {name: self._load_array(split, name, dtype,
-                                             (n, self.chunk_len) if per_token else (n,))
-                      for name, (dtype, per_token) in CHUNK_ARRAYS.items()}
-            queries = None
-            if self.retriever_class.has_queries(info):
-                dtype, width = self.retriever_class.query_array_spec(self.manifest)
-                queries = self._load_array(split, self.retriever_class.query_array, dtype,
-                                           (n, width))
+            specs = self._array_specs(split)
+            arrays = {name: self._open_array(split, name) for name in CHUNK_ARRAYS}
+            query = self.retriever_class.query_array
+            queries = self._open_array(split, query) if query in specs else None
             self._splits[split] = SplitArrays(queries=queries, **arrays)
         return self._splits[split]
+
+    def files(self) -> dict[str, str]:
+        """Every file and index directory the manifest lists: relative path -> sha256."""
+        out = {self.manifest["tokenizer"]["file"]: self.manifest["tokenizer"]["sha256"]}
+        for info in self.manifest["splits"].values():
+            for shard in info.get("shards", []):
+                for entry in shard.get("files", {}).values():
+                    out[entry["file"]] = entry["sha256"]
+        for shard in self.manifest.get("shards", []):
+            if "sha256" in shard:
+                out[shard["dir"]] = shard["sha256"]
+        return out
+
+    def verify(self) -> None:
+        """Compare the sha256 of every listed file (and index shard directory) with the
+        manifest's; DataError naming the files that differ. Reads every byte."""
+        bad = []
+        for rel, sha in self.files().items():
+            path = self.path / rel
+            found = dir_sha256(path) if path.is_dir() else (
+                file_sha256(path) if path.is_file() else None)
+            if found != sha:
+                bad.append(rel)
+        if bad:
+            raise DataError(f"{self.path}: {len(bad)} file(s) differ from the manifest's "
+                            f"sha256 ({', '.join(bad[:5])}); {rebuild_hint(self.path)}")
 
     # ------------------------------------------------------------------ access
     @property

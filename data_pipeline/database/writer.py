@@ -2,8 +2,9 @@
 
 `DatabaseWriter` writes into `<db>.partial/` and `publish` renames it into place after
 checking it with `RetrievalDatabase.open`. The build (data_pipeline/database/build.py)
-streams large arrays into the same layout and records them here; small databases (tests,
-benchmarks, data_pipeline/database/synthetic.py) are written with `write_split`.
+writes the array shards itself (in parallel) and records them here; small databases (tests,
+benchmarks, data_pipeline/database/synthetic.py) are written with `write_split`, which cuts
+the arrays into shards of `shard_chunks` rows.
 """
 
 from __future__ import annotations
@@ -17,17 +18,20 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.database.layout import (
+    DEFAULT_SHARD_CHUNKS,
     DOCUMENTS_FILE,
     FORMAT_VERSION,
     MANIFEST,
     TOKENIZER_FILE,
+    array_file,
     partial_path,
 )
 from data_pipeline.database.reader import DocumentTable, RetrievalDatabase
 from data_pipeline.errors import DataError
-from data_pipeline.fileio import write_json_atomic
+from data_pipeline.fileio import dir_sha256, file_sha256, write_json_atomic
 from data_pipeline.retrieval import RetrieverFiles, retriever_class
-from data_pipeline.retrieval.bert import KEYS_FILE, shard_dir_name
+from data_pipeline.retrieval.bert import KEYS, shard_dir_name
+from data_pipeline.shards import open_rows, shard_ranges, write_npy_atomic
 from data_pipeline.text.tokenizer import load_tokenizer
 
 
@@ -35,8 +39,8 @@ class DatabaseWriter:
     """Writes a database into `<path>.partial/` and renames it to `<path>` in `finish()`.
 
     Small databases (tests): `write_split` each split's arrays, `write_documents`, optionally
-    `build_index`, then `finish()`. The build streams large arrays into `split_dir(name)`
-    itself and calls `record_split`.
+    `build_index`, then `finish()`. The build writes the array shards itself and calls
+    `record_split` with their table.
 
     Args:
       path: the final database directory.
@@ -48,6 +52,7 @@ class DatabaseWriter:
         start from an empty one.
       retriever: the retriever kind named in the manifest ("bert": keys + ScaNN shards;
         other kinds: `apply(files)` with what their build wrote before the manifest).
+      shard_chunks: rows per array shard (`write_split`), recorded in the manifest.
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class DatabaseWriter:
         corpus: Mapping | None = None,
         resume: bool = False,
         retriever: str = "bert",
+        shard_chunks: int = DEFAULT_SHARD_CHUNKS,
     ):
         retriever_class(retriever, where="DatabaseWriter retriever")  # a known kind
         self.path = Path(path)
@@ -71,6 +77,7 @@ class DatabaseWriter:
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True, exist_ok=True)
         self.chunk_len = int(chunk_len)
+        self.shard_chunks = int(shard_chunks)
         self.embedder = {"name": str(embedder_name), "dim": int(embed_dim)}
         self.corpus = dict(corpus or {"kind": "", "description": ""})
         self._splits: dict[str, dict] = {}
@@ -91,33 +98,43 @@ class DatabaseWriter:
 
     def write_split(self, split: str, tokens: np.ndarray, doc_ids: np.ndarray,
                     keys: np.ndarray | None) -> None:
-        """Write one split from in-memory arrays: tokens [N, m], doc_ids [N], keys [N, dim]."""
+        """Write one split from in-memory arrays: tokens [N, m], doc_ids [N], keys [N, dim],
+        in shards of `shard_chunks` rows."""
         tokens = np.asarray(tokens, dtype=np.int32)
         doc_ids = np.asarray(doc_ids, dtype=np.int64)
         n = tokens.shape[0]
         if tokens.shape != (n, self.chunk_len) or doc_ids.shape != (n,):
             raise ValueError(f"write_split({split!r}): tokens {tokens.shape} / doc_ids "
                              f"{doc_ids.shape} do not match [N, {self.chunk_len}] / [N]")
-        d = self.split_dir(split)
-        np.save(d / "tokens.npy", tokens)
-        np.save(d / "doc_ids.npy", doc_ids)
+        arrays = {"tokens": tokens, "doc_ids": doc_ids}
         if keys is not None:
             keys = np.asarray(keys, dtype=np.float32)
             if keys.shape != (n, self.embedder["dim"]):
                 raise ValueError(f"write_split({split!r}): keys {keys.shape}, expected "
                                  f"[{n}, {self.embedder['dim']}]")
-            np.save(d / KEYS_FILE, keys)
-        self.record_split(split, num_chunks=n, has_keys=keys is not None)
+            arrays[KEYS] = keys
+        self.split_dir(split)
+        shards = []
+        for i, (first, count) in enumerate(shard_ranges(n, self.shard_chunks)):
+            files = {}
+            for name, array in arrays.items():
+                rel = array_file(split, name, i)
+                write_npy_atomic(self.partial / rel, array[first:first + count])
+                files[name] = {"file": rel, "sha256": file_sha256(self.partial / rel)}
+            shards.append({"first_chunk": first, "num_chunks": count, "files": files})
+        self.record_split(split, num_chunks=n, shards=shards, has_keys=keys is not None)
 
-    def record_split(self, split: str, *, num_chunks: int, has_keys: bool = True,
-                     num_documents: int | None = None, num_tokens: int | None = None,
-                     num_bytes: int | None = None, **flags) -> None:
-        """Enter a split whose arrays are already in `split_dir(split)`; counts not given are
-        computed in `finish()` from documents.jsonl. `flags` (the retriever's
+    def record_split(self, split: str, *, num_chunks: int, shards: list[dict],
+                     has_keys: bool = True, num_documents: int | None = None,
+                     num_tokens: int | None = None, num_bytes: int | None = None,
+                     **flags) -> None:
+        """Enter a split whose array shards are written: `shards` = [{first_chunk,
+        num_chunks, files: {array name: {file, sha256}}}]; counts not given are computed in
+        `finish()` from documents.jsonl. `flags` (the retriever's
         `RetrieverFiles.split_flags`) go into the split's manifest entry."""
         self._splits[split] = {"num_chunks": int(num_chunks), "has_keys": bool(has_keys),
                                "num_documents": num_documents, "num_tokens": num_tokens,
-                               "num_bytes": num_bytes, **flags}
+                               "num_bytes": num_bytes, **flags, "shards": list(shards)}
 
     def apply(self, files: RetrieverFiles) -> None:
         """Take a retriever build's manifest sections (embedder, shards, index, bm25, ...)."""
@@ -144,15 +161,17 @@ class DatabaseWriter:
         """Enter index shard number len(shards) over train chunks [first, first + num);
         saves `searcher` (a ShardSearcher) there when given. Returns its directory."""
         rel = shard_dir_name(len(self._shards))
+        target = self.partial / rel
         if searcher is not None:
-            target = self.partial / rel
             if target.exists():
                 shutil.rmtree(target)
             target.parent.mkdir(exist_ok=True)
             searcher.save(target)
-        self._shards.append({"first_chunk": int(first_chunk), "num_chunks": int(num_chunks),
-                             "dir": rel})
-        return self.partial / rel
+        entry = {"first_chunk": int(first_chunk), "num_chunks": int(num_chunks), "dir": rel}
+        if target.is_dir():
+            entry["sha256"] = dir_sha256(target)
+        self._shards.append(entry)
+        return target
 
     def build_index(self, shard_chunks: int, index_settings: Mapping | None = None) -> None:
         """Build ScaNN shards over the train keys already written (small databases).
@@ -163,7 +182,10 @@ class DatabaseWriter:
         """
         from data_pipeline.retrieval.scann import IndexParams, build_shard
 
-        keys = np.load(self.partial / "train" / KEYS_FILE, mmap_mode="r")
+        shards = self._splits["train"]["shards"]
+        keys = open_rows([self.partial / s["files"][KEYS]["file"] for s in shards],
+                         [s["num_chunks"] for s in shards], np.float32,
+                         (self.embedder["dim"],))
         n = keys.shape[0]
         for first in range(0, n, shard_chunks):
             count = min(shard_chunks, n - first)
@@ -194,6 +216,7 @@ class DatabaseWriter:
         manifest = {
             "format_version": FORMAT_VERSION,
             "chunk_len": self.chunk_len,
+            "shard_chunks": self.shard_chunks,
             "retriever": self.retriever,
             "tokenizer": self.tokenizer_info,
             "embedder": self.embedder,

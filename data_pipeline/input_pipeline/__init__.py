@@ -16,7 +16,8 @@ interface (docs/ARCHITECTURE.md, "data_pipeline/input_pipeline"):
   tables      the chunk arrays as tf.Variables, the per-batch example builder (inputs/targets)
   neighbours  in-graph candidate search (the database's Retriever), the same-document /
               excluded-document filter, and the [neighbour ; continuation] token gather
-  precompute  neighbours written once to sharded TFRecord files and read back
+  precompute  neighbours retrieved once (fanned out over the index shards, on one machine
+              or on Apache Beam) into sharded .npy files, and read back
   checks      database / split / argument checks that fail before the first batch
   device      per-host numpy batches -> global sharded jax.Arrays, prefetched
 """
@@ -37,8 +38,9 @@ from data_pipeline.input_pipeline import checks
 from data_pipeline.input_pipeline.device import DEVICE_FIELDS, DeviceBatchIterator, device_batches
 from data_pipeline.input_pipeline.neighbours import NeighbourRetriever, add_neighbours
 from data_pipeline.input_pipeline.precompute import (
-    compute_blocks,
+    DEFAULT_SHARD_ROWS,
     database_fingerprint,
+    precompute_settings,
     read_precomputed,
     write_precomputed,
 )
@@ -53,7 +55,7 @@ from data_pipeline.input_pipeline.tables import ChunkTable, build_examples
 
 __all__ = [
     "DEVICE_FIELDS", "DeviceBatchIterator", "device_batches", "eval_windows", "make_dataset",
-    "make_eval_windows", "precompute_neighbours", "retrieve_chunk_neighbours",
+    "make_eval_windows", "neighbour_windows", "precompute_neighbours", "retrieve_chunk_neighbours",
     "retrieve_neighbours",
 ]
 
@@ -78,14 +80,15 @@ def _chunk_table(db: Any, split: str, *, with_queries: bool) -> ChunkTable:
 
 
 def _retriever(db: Any, *, num_neighbours: int, overfetch: int, exclude_same_document: bool,
-               exclude_doc_ids: Collection[int] | None, need_search: bool) -> NeighbourRetriever:
+               exclude_doc_ids: Collection[int] | None, need_search: bool,
+               align_max_shift: int = 0) -> NeighbourRetriever:
     database = _chunk_table(db, RETRIEVAL_SPLIT, with_queries=False)
     checks.check_neighbours(db=db, num_neighbours=num_neighbours,
                             num_db_chunks=database.num_chunks)
     return NeighbourRetriever(database, db.in_graph_search() if need_search else None,
                               num_neighbours=num_neighbours, overfetch=overfetch,
                               exclude_same_document=exclude_same_document,
-                              exclude_doc_ids=exclude_doc_ids)
+                              exclude_doc_ids=exclude_doc_ids, align_max_shift=align_max_shift)
 
 
 def _same_document_filter(requested: bool, db: Any, split_db: Any | None) -> bool:
@@ -141,7 +144,7 @@ def make_dataset(db: Any, split: str, *, seq_len: int, batch_size: int, num_neig
                  precomputed_dir: str | os.PathLike | None = None, split_db: Any | None = None,
                  expect_chunk_len: int | None = None,
                  expect_tokenizer_sha256: str | None = None,
-                 drop_remainder: bool = True) -> tf.data.Dataset:
+                 drop_remainder: bool = True, align_max_shift: int = 0) -> tf.data.Dataset:
     """Training (or evaluation) batches of one host.
 
     Args:
@@ -165,6 +168,9 @@ def make_dataset(db: Any, split: str, *, seq_len: int, batch_size: int, num_neig
         its doc ids mean nothing in `db`, so the same-document filter is off then.
       expect_chunk_len, expect_tokenizer_sha256: the caller's m and tokenizer, checked.
       drop_remainder: static batch shapes (the last partial batch of a one-epoch run dropped).
+      align_max_shift: 0 = each neighbour's window is [chunk ; continuation] (the paper);
+        S > 0 = shifted by up to S tokens to align with the querying chunk
+        (neighbours.align_windows, `data.align_max_shift`).
     Returns:
       tf.data.Dataset of dicts (iterate with `.as_numpy_iterator()` or `device_batches`):
         inputs, targets  int32 [B, n]       targets 0 = masked (padding, document boundary)
@@ -197,7 +203,8 @@ def make_dataset(db: Any, split: str, *, seq_len: int, batch_size: int, num_neig
         retriever = _retriever(db, num_neighbours=num_neighbours, overfetch=overfetch,
                                exclude_same_document=_same_document_filter(
                                    exclude_same_document, db, split_db),
-                               exclude_doc_ids=exclude_doc_ids, need_search=inline)
+                               exclude_doc_ids=exclude_doc_ids, need_search=inline,
+                               align_max_shift=align_max_shift)
         if precomputed_dir is not None:
             precomputed = _load_precomputed(precomputed_dir, db=db, split=split,
                                             split_table=split_table, retriever=retriever)
@@ -221,8 +228,8 @@ def make_eval_windows(db: Any, split: str, seq_len: int, stride: int,
                       num_neighbours: int = 0, overfetch: int = 4,
                       exclude_same_document: bool = True,
                       exclude_doc_ids: Collection[int] | None = None, split_db: Any | None = None,
-                      process_index: int = 0,
-                      process_count: int = 1) -> tf.data.Dataset:
+                      process_index: int = 0, process_count: int = 1,
+                      align_max_shift: int = 0) -> tf.data.Dataset:
     """Evaluation windows: every token of every document scored exactly once.
 
     Each document (of `doc_filter`, if given; its doc ids) is covered by windows of whole
@@ -233,6 +240,8 @@ def make_eval_windows(db: Any, split: str, seq_len: int, stride: int,
     two documents; the last one is padded. Batches are padded to `batch_size` with empty
     windows (all zeros, score_mask 0) so every batch has the same shape, and every host gets
     the same number of batches (windows are dealt round robin over hosts).
+
+    `align_max_shift` as in `make_dataset` (evaluate with the setting the model trained with).
 
     Returns:
       tf.data.Dataset of dicts with the keys of `make_dataset` plus
@@ -263,7 +272,8 @@ def make_eval_windows(db: Any, split: str, seq_len: int, stride: int,
         retriever = _retriever(db, num_neighbours=num_neighbours, overfetch=overfetch,
                                exclude_same_document=_same_document_filter(
                                    exclude_same_document, db, split_db),
-                               exclude_doc_ids=exclude_doc_ids, need_search=True)
+                               exclude_doc_ids=exclude_doc_ids, need_search=True,
+                               align_max_shift=align_max_shift)
 
     def index_fn(position):
         window = position * process_count + process_index
@@ -304,6 +314,27 @@ def retrieve_neighbours(db: Any, queries: np.ndarray, query_doc_ids: np.ndarray,
     return out
 
 
+def neighbour_windows(db: Any, neighbour_ids: np.ndarray, query_tokens: np.ndarray,
+                      align_max_shift: int) -> np.ndarray:
+    """The tokens the pipeline feeds for given neighbours, outside a pipeline (sampling).
+
+    Args:
+      neighbour_ids: int64 [..., k] train chunk ids (-1 = none).
+      query_tokens: int32 [..., m]: the chunk each row of neighbours was retrieved for.
+      align_max_shift: as in `make_dataset`.
+    Returns:
+      int32 [..., k, 2m]: `db.neighbour_tokens(neighbour_ids)` for 0, else the aligned
+      windows of `neighbours.align_windows` (the same function the pipeline runs).
+    """
+    if align_max_shift <= 0:
+        return db.neighbour_tokens(neighbour_ids)
+    retriever = _retriever(db, num_neighbours=int(np.shape(neighbour_ids)[-1]), overfetch=1,
+                           exclude_same_document=False, exclude_doc_ids=None,
+                           need_search=False, align_max_shift=align_max_shift)
+    return retriever.gather(tf.constant(np.asarray(neighbour_ids, np.int64)),
+                            tf.constant(np.asarray(query_tokens, np.int32))).numpy()
+
+
 def retrieve_chunk_neighbours(db: Any, split: str, chunk_ids: np.ndarray, k: int,
                               overfetch: int = 4,
                               exclude_doc_ids: Collection[int] | None = None, *,
@@ -339,27 +370,29 @@ def precompute_neighbours(db: Any, split: str, out_dir: str | os.PathLike, *,
                           exclude_same_document: bool = True,
                           exclude_doc_ids: Collection[int] | None = None,
                           split_db: Any | None = None,
-                          block_rows: int = 4096, num_files: int = 8) -> Path:
-    """Write the candidate neighbour ids of every chunk of `split` to sharded TFRecord files.
+                          shard_rows: int = DEFAULT_SHARD_ROWS, runner: Any = None) -> Path:
+    """Write the candidate neighbour ids of every chunk of `split` to sharded .npy files.
 
     `make_dataset(..., precomputed_dir=out_dir)` with the same k / overfetch / filters then
     yields exactly the batches of inline retrieval, for any seed, packing and sequence length.
+    `runner`: LocalRunner() (default: this process) or a data_pipeline.beam_runner.BeamRunner
+    (the query blocks fanned out over the index shards on Beam workers); the files are the
+    same byte for byte.
     """
-    source = split_db if split_db is not None else db
     checks.check_database(db, expect_chunk_len=None, expect_tokenizer_sha256=None,
                           split_db=split_db)
     if num_neighbours <= 0:
         raise DataError(f"precompute_neighbours: num_neighbours={num_neighbours}; "
                                "nothing to precompute with retrieval off")
     checks.check_split_db_retriever(db, split_db)
-    split_table = _chunk_table(source, split, with_queries=True)
-    retriever = _retriever(db, num_neighbours=num_neighbours, overfetch=overfetch,
-                           exclude_same_document=_same_document_filter(
-                               exclude_same_document, db, split_db),
-                           exclude_doc_ids=exclude_doc_ids, need_search=True)
-    return write_precomputed(
-        out_dir, split=split, candidate_blocks=compute_blocks(retriever, split_table,
-                                                                  block_rows),
-        num_chunks=split_table.num_chunks, settings=retriever.settings,
-        fingerprint=database_fingerprint(db, retriever.database.num_chunks),
-        block_rows=block_rows, num_files=num_files)
+    source = split_db if split_db is not None else db
+    checks.check_neighbours(db=db, num_neighbours=num_neighbours,
+                            num_db_chunks=int(db.manifest["splits"]["train"]["num_chunks"]))
+    checks.split_arrays(source, split, need_queries=True)
+    settings = precompute_settings(db, num_neighbours=num_neighbours, overfetch=overfetch,
+                                   exclude_same_document=_same_document_filter(
+                                       exclude_same_document, db, split_db),
+                                   exclude_doc_ids=exclude_doc_ids)
+    return write_precomputed(db, split, out_dir, settings=settings,
+                             split_db=None if split_db is db else split_db,
+                             shard_rows=shard_rows, runner=runner)

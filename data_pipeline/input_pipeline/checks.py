@@ -106,9 +106,9 @@ def split_arrays(db: Any, split: str, *, need_queries: bool):
         raise DataError(f"{db_path(db)}/{split}: {e}; rebuild with {_BUILD} --force") from e
     if need_queries and arrays.queries is None:
         name = db.retriever_class.query_array
-        raise DataError(f"{db_path(db)}/{split}/{name}.npy is missing: retrieval for split "
+        raise DataError(f"{db_path(db)}/{split}/{name}-*.npy is missing: retrieval for split "
                         f"{split!r} reads its chunks' query rows; add {split!r} to "
                         f"database.eval_splits and rebuild with {_BUILD} --force (or write "
-                        "the neighbours once with data_pipeline.input_pipeline."
-                        "precompute_neighbours and set data.precomputed_neighbours=True)")
+                        "the neighbours once with retro-jax precompute-neighbours and set "
+                        "data.precomputed_neighbours=True)")
     return arrays.tokens, arrays.doc_ids, arrays.queries if need_queries else None

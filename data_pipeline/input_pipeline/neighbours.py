@@ -16,6 +16,9 @@ Filter semantics (shared by training, precompute and evaluation, one function: `
   (exclude_same_document: in training every document of the chunk's sequence, elsewhere the
   chunk's own) or is in `exclude_doc_ids` (evaluation); keep the first k survivors in that
   order; -1 where fewer than k survive.
+
+Token alignment (`align_max_shift` S > 0, `align_windows`): each neighbour's 2m-token window
+starts up to S tokens before or after its chunk, where it best matches the querying chunk.
 """
 
 from __future__ import annotations
@@ -43,12 +46,15 @@ class NeighbourRetriever:
         training every document of the query chunk's sequence (a packed sequence holds
         several; the model is trained to predict all of them), else the chunk's own.
       exclude_doc_ids: doc ids whose chunks are never returned (evaluation).
+      align_max_shift: 0 = the paper's window [chunk ; continuation]; S > 0 = token-aligned
+        windows (`align_windows`, `data.align_max_shift`), capped at m - 1.
     """
 
     def __init__(self, database: ChunkTable, search: InGraphSearch | None, *,
                  num_neighbours: int, overfetch: int, exclude_same_document: bool,
-                 exclude_doc_ids: Collection[int] | None = None):
+                 exclude_doc_ids: Collection[int] | None = None, align_max_shift: int = 0):
         self.database = database
+        self.align_max_shift = max(0, min(int(align_max_shift), database.chunk_len - 1))
         self.search_op = search
         self.num_neighbours = int(num_neighbours)
         self.num_candidates = min(self.num_neighbours * max(1, int(overfetch)),
@@ -129,12 +135,22 @@ class NeighbourRetriever:
         return self.search(split.gather_queries(chunk_ids), context_docs,
                            query_valid & (chunk_ids >= 0))
 
-    def gather(self, neighbour_ids: tf.Tensor) -> tf.Tensor:
+    def gather(self, neighbour_ids: tf.Tensor, query_tokens: tf.Tensor | None = None
+               ) -> tf.Tensor:
         """neighbour ids int64 [..., k] -> tokens int32 [..., k, 2m]: chunk ; continuation.
 
         The continuation is the next chunk only when it is in the same document, else zeros
-        (never a chunk of another document); a missing neighbour (-1) is all zeros.
+        (never a chunk of another document); a missing neighbour (-1) is all zeros. With
+        `align_max_shift` > 0, the windows are aligned with the querying chunks'
+        `query_tokens` int32 [..., m] (`align_windows`).
         """
+        if self.align_max_shift > 0:
+            if query_tokens is None:
+                raise ValueError("aligned neighbours (align_max_shift > 0) need the querying "
+                                 "chunks' tokens")
+            stream = self.database.gather_stream(neighbour_ids, before=1, after=2)
+            return align_windows(stream, query_tokens, self.database.chunk_len,
+                                 self.align_max_shift)
         chunk = self.database.gather_tokens(neighbour_ids)
         continuation = self.database.gather_tokens(self.database.continuation_ids(neighbour_ids))
         return tf.concat([chunk, continuation], axis=-1)
@@ -169,5 +185,40 @@ def add_neighbours(batch: dict[str, tf.Tensor], retriever: NeighbourRetriever,
     ids = tf.reshape(ids, tf.concat([shape, [k]], axis=0))
     out = dict(batch)
     out["neighbour_ids"] = ids
-    out["neighbours"] = retriever.gather(ids)
+    query_tokens = tf.reshape(batch["inputs"], tf.concat([shape, [-1]], axis=0))  # [B, L, m]
+    out["neighbours"] = retriever.gather(ids, query_tokens)
     return out
+
+
+def align_windows(stream: tf.Tensor, query_tokens: tf.Tensor, chunk_len: int,
+                  max_shift: int) -> tf.Tensor:
+    """Neighbour windows aligned token by token with the chunk that retrieved them.
+
+    A neighbour chunk shares text with its querying chunk C_u at some token offset, rarely at
+    the chunk boundary, so its continuation is usually not aligned with C_u+1 in CCA's
+    relative-position frame (neighbour token j <-> offset j from the start of C_u). For each
+    neighbour this picks the shift s in [-max_shift, max_shift] whose window
+    doc[start + s : start + s + m] shares the most bigrams (two consecutive tokens at the same
+    offsets) with C_u, ties to the smallest |s| and then the negative one (s = 0 when nothing
+    matches: the paper's window), and returns doc[start + s : start + s + 2m] from the
+    neighbour's own document (zeros outside it). Only C_u is read, the past of every position
+    that attends to these neighbours, so causality is unchanged.
+
+    Args:
+      stream: int32 [..., k, 4m]: chunks j-1, j, j+1, j+2 of each neighbour j's document
+        (`ChunkTable.gather_stream(ids, 1, 2)`).
+      query_tokens: int32 [..., m]: the querying chunks C_u.
+    Returns:
+      int32 [..., k, 2m].
+    """
+    m = chunk_len
+    shifts = tf.range(-max_shift, max_shift + 1)  # [D]
+    positions = m + shifts[:, None] + tf.range(m)[None, :]  # [D, m]
+    views = tf.gather(stream, positions, axis=-1)  # [..., k, D, m]
+    query = query_tokens[..., None, None, :]  # [..., 1, 1, m]
+    equal = tf.equal(views, query) & tf.not_equal(query, 0)
+    bigrams = tf.reduce_sum(tf.cast(equal[..., 1:] & equal[..., :-1], tf.int32), axis=-1)
+    rank = bigrams * (4 * m) - 2 * tf.abs(shifts) - tf.cast(shifts > 0, tf.int32)  # [..., k, D]
+    start = m + tf.gather(shifts, tf.argmax(rank, axis=-1, output_type=tf.int32))  # [..., k]
+    window = start[..., None] + tf.range(2 * m)  # [..., k, 2m]
+    return tf.gather(stream, window, batch_dims=len(stream.shape) - 1)

@@ -60,6 +60,20 @@ class ChunkTable:
         those queries invalid)."""
         return tf.gather(self.queries, tf.maximum(chunk_ids, 0))
 
+    def gather_stream(self, chunk_ids: tf.Tensor, before: int, after: int) -> tf.Tensor:
+        """chunk ids int64 [...] -> int32 [..., (before + 1 + after) * m]: the tokens of chunks
+        id - before .. id + after, zeros for those outside the chunk's document (or the split)
+        and everywhere for id -1. The chunk's own tokens start at offset before * m."""
+        own_doc = self.gather_doc_ids(chunk_ids)
+        parts = []
+        for offset in range(-before, after + 1):
+            other = chunk_ids + offset
+            inside = (chunk_ids >= 0) & (other >= 0) & (other < self.num_chunks)
+            other = tf.where(inside, other, tf.constant(-1, tf.int64))
+            inside &= self.gather_doc_ids(other) == own_doc
+            parts.append(self.gather_tokens(tf.where(inside, other, tf.constant(-1, tf.int64))))
+        return tf.concat(parts, axis=-1)
+
     def continuation_ids(self, chunk_ids: tf.Tensor) -> tf.Tensor:
         """chunk ids int64 [...] -> id of the next chunk of the same document, else -1."""
         nxt = chunk_ids + 1

@@ -6,16 +6,22 @@ build.
     retriever = make_retriever("bert", embedder=EmbedderSettings(...), index={...})
     sections = retriever.build(BuildInputs(...))      # writes its files, returns manifest fields
     search = retriever.in_graph_search(db)            # TF op: query rows -> candidate chunk ids
+    parts = retriever.search_parts(db)                # the same search, fanned out (precompute)
     ids = retriever.text_search(db)(texts, k)         # live queries (sampling)
 
 What every kind provides:
 - build: its files in the database directory (keys + ScaNN shards; a BM25 index + candidate
-  tables), resumable unit by unit with `data_pipeline.resumable`, and its manifest sections;
+  tables) as stages of independent units (`data_pipeline.resumable.Stage`), run by the
+  runner the build was given (one process, or Apache Beam: the stages do not know which),
+  and its manifest sections; per-chunk arrays are sharded like the chunk arrays;
 - the query of a chunk: a row of a per-split array (`query_array`: frozen-BERT keys, or the
   chunk's BM25 candidate ids), gathered in the tf.data graph;
 - `in_graph_search`: candidate chunk ids for those rows with TensorFlow ops only (ScaNN's TF
   op, or a slice of the candidate row), in best-first order, so the input pipeline's filters
   (same document, excluded documents) and neighbour gather are the same for every kind;
+- `search_parts`: the in-graph search cut into independently loadable parts (one per ScaNN
+  shard) whose results, merged by distance, are the in-graph search's: precomputed neighbours
+  fan a query block out over the parts (on Beam workers that each hold one index shard);
 - `text_search`: neighbours of arbitrary text (a chunk generated while sampling).
 
 A third retriever (a trained dual encoder, say) is a new module with a `Retriever` subclass
@@ -26,14 +32,15 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from data_pipeline.errors import DataError
-from data_pipeline.resumable import Markers
+from data_pipeline.resumable import fingerprint
+from data_pipeline.shards import open_rows
 
 DEFAULT_KIND = "bert"  # a manifest without "retriever" was built with frozen-BERT keys
 
@@ -49,28 +56,55 @@ class BuildInputs:
     """What the database build hands a retriever once the chunk arrays are written.
 
     Attributes:
-      directory: the database being written (`<db>.partial/`): split arrays are
-        `<directory>/<split>/tokens.npy` int32 [N, m] and `doc_ids.npy` int64 [N].
+      directory: the database being written (`<db>.partial/`).
       splits: split names, "train" first (the train split is what is searched).
-      tokenizer: decodes chunk tokens to text (what keys are made from).
-      chunk_sha256: split -> {"tokens": sha256, "doc_ids": sha256} of its chunk arrays (the
-        fingerprints that chain the retriever's units of work to the chunks).
-      markers: done-markers of the build (resume unit by unit).
+      tokenizer: decodes chunk tokens to text (what keys are made from), in the driver.
+      tokenizer_file: the tokenizer model relative to `directory` (workers load it).
+      chunk_shards: split -> its shard table [{first_chunk, num_chunks, files: {"tokens":
+        {file, sha256}, "doc_ids": {...}}}] (files relative to `directory`): a retriever's
+        per-chunk arrays are cut the same way, and index shard i covers train shard i.
+      runner: runs the retriever's stages (`data_pipeline.resumable.LocalRunner` or
+        `data_pipeline.beam_runner.BeamRunner`): `runner.run(stage, units, directory)`.
       lap: called with a stage name when that stage is done (the build's stage timings).
     """
 
     directory: Path
     splits: tuple[str, ...]
     tokenizer: Decoder
-    chunk_sha256: Mapping[str, Mapping[str, str]]
-    markers: Markers
+    chunk_shards: Mapping[str, Sequence[Mapping]]
+    runner: Any
+    tokenizer_file: str = "tokenizer.model"
     lap: Callable[[str], None] = lambda stage: None
 
-    def tokens(self, split: str) -> np.ndarray:
-        return np.load(self.directory / split / "tokens.npy", mmap_mode="r")
+    def shards(self, split: str) -> list[Mapping]:
+        return list(self.chunk_shards[split])
 
-    def doc_ids(self, split: str) -> np.ndarray:
-        return np.load(self.directory / split / "doc_ids.npy", mmap_mode="r")
+    def chunk_sha256(self, split: str, shard: int) -> dict[str, str]:
+        """{"tokens": sha256, "doc_ids": sha256} of one chunk shard."""
+        files = self.chunk_shards[split][shard]["files"]
+        return {name: entry["sha256"] for name, entry in files.items()}
+
+    def split_fingerprint(self, split: str) -> str:
+        """Fingerprint of a split's chunk arrays (every shard's checksums)."""
+        return fingerprint([self.chunk_sha256(split, i)
+                            for i in range(len(self.chunk_shards[split]))])
+
+    def _array(self, split: str, name: str, dtype, row_shape: tuple[int, ...]):
+        shards = self.chunk_shards[split]
+        return open_rows([self.directory / s["files"][name]["file"] for s in shards],
+                         [int(s["num_chunks"]) for s in shards], dtype, row_shape)
+
+    def tokens(self, split: str):
+        """int32 [N, m] chunk tokens of a split (memory-mapped shards)."""
+        shards = self.chunk_shards[split]
+        if not shards:
+            return np.zeros((0, 0), np.int32)
+        first = np.load(self.directory / shards[0]["files"]["tokens"]["file"], mmap_mode="r")
+        return self._array(split, "tokens", np.int32, (int(first.shape[1]),))
+
+    def doc_ids(self, split: str):
+        """int64 [N] document ids of a split's chunks."""
+        return self._array(split, "doc_ids", np.int64, ())
 
     def texts(self, tokens: np.ndarray) -> list[str]:
         """Detokenized chunk texts of token rows [n, m] (padding dropped)."""
@@ -83,11 +117,28 @@ class RetrieverFiles:
 
     manifest: top-level manifest sections (e.g. "embedder", "shards", "index", "bm25").
     split_flags: fields added to every split's manifest entry (e.g. {"has_keys": True}).
+    shard_files: split -> per chunk shard, {array name: {file, sha256}} of the retriever's
+      per-chunk arrays (e.g. "keys"), merged into the split's shard table.
     """
 
     manifest: dict[str, Any]
     split_flags: dict[str, Any]
+    shard_files: dict[str, list[dict[str, dict[str, str]]]] = dataclasses.field(
+        default_factory=dict)
 
+
+class SearchPart(Protocol):
+    """One independently loadable part of a database's candidate search (an index shard).
+
+    key: hashable and stable, e.g. ("index", 3); parts are merged in the order
+      `search_parts` lists them.
+    load(db): an object whose `search(query_rows, k)` gives (candidate ids int64 [Q, k],
+      distances float32 [Q, k]): best first, -1 / +inf where fewer.
+    """
+
+    key: Hashable
+
+    def load(self, db: Any) -> Any: ...
 
 class InGraphSearch(Protocol):
     """Candidate search inside the tf.data graph.
@@ -128,8 +179,8 @@ class Retriever(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def owned_paths(cls, splits: Sequence[str]) -> list[str]:
-        """Paths relative to the database that this kind writes (a build of another kind
-        removes them from a reused `<db>.partial/`)."""
+        """Glob patterns relative to the database of what this kind writes (a build of
+        another kind removes them from a reused `<db>.partial/`)."""
 
     # ------------------------------------------------------------------ read
     @classmethod
@@ -160,6 +211,18 @@ class Retriever(abc.ABC):
     @abc.abstractmethod
     def in_graph_search(self, db: Any) -> InGraphSearch:
         """The candidate search over `db`'s train split (cached by the caller)."""
+
+    @classmethod
+    def candidate_limit(cls, manifest: Mapping) -> int | None:
+        """Most candidates the search can return per query (None: the database size); the
+        `max_candidates` of `in_graph_search`, known without loading it."""
+        return None
+
+    @abc.abstractmethod
+    def search_parts(self, db: Any) -> list[SearchPart]:
+        """`in_graph_search` cut into parts: a query's K candidates are the K smallest
+        distances over every part's top-K, ties going to the earlier part, then to the better
+        rank within a part (exactly the in-graph search's merge)."""
 
     @abc.abstractmethod
     def text_search(self, db: Any) -> TextSearch:

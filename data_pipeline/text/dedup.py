@@ -25,9 +25,12 @@ candidate is confirmed when the estimated Jaccard (share of equal signature slot
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -150,6 +153,7 @@ class NearDuplicateFilter:
         self.threshold = float(threshold)
         self.ngram = int(ngram)
         self.num_perm = int(num_perm)
+        self.seed = int(seed)
         rng = np.random.default_rng(seed)
         # Odd multipliers: multiply-shift hashing needs them odd.
         self._mul = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64) * _U64(2) + _U64(1)
@@ -189,6 +193,9 @@ class NearDuplicateFilter:
         sig = self.signature(doc)
         if sig is None:
             return -1
+        return self._add_signature(sig)
+
+    def _add_signature(self, sig: np.ndarray) -> int:
         index = len(self._signatures)
         self._signatures.append(sig)
         for table, key in zip(self._tables, self._band_keys(sig)):
@@ -221,6 +228,34 @@ class NearDuplicateFilter:
 
     def __len__(self) -> int:
         return len(self._signatures)
+
+    # ---------------------------------------------------------------------- files
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the held signatures (signatures.npy, uint32 [E, num_perm]) and the settings
+        (filter.json) into `directory`, so workers load the filter instead of re-reading the
+        evaluation documents. The bytes depend only on the documents added, in order."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        sigs = (np.stack(self._signatures) if self._signatures
+                else np.zeros((0, self.num_perm), np.uint32))
+        tmp = directory / "signatures.npy.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, sigs, allow_pickle=False)
+        os.replace(tmp, directory / "signatures.npy")
+        settings = {"threshold": self.threshold, "ngram": self.ngram,
+                    "num_perm": self.num_perm, "seed": self.seed}
+        (directory / "filter.json.tmp").write_text(json.dumps(settings, sort_keys=True) + "\n")
+        os.replace(directory / "filter.json.tmp", directory / "filter.json")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> NearDuplicateFilter:
+        """A filter written by `save` (the same answers as the one saved)."""
+        directory = Path(directory)
+        settings = json.loads((directory / "filter.json").read_text())
+        filt = cls(**settings)
+        for sig in np.load(directory / "signatures.npy", allow_pickle=False):
+            filt._add_signature(np.asarray(sig, np.uint32))
+        return filt
 
 
 def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:

@@ -66,7 +66,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.database = ml_collections.ConfigDict()
     c.database.path = ""  # "" = <workdir>/db
     c.database.chunk_len = 64  # m
-    c.database.shard_chunks = 4_000_000  # chunks per index shard (contiguous chunk ids)
+    c.database.shard_chunks = 4_000_000  # chunks per shard of every array, and per index shard
     c.database.max_chunks = -1  # cap on database chunks; -1 = the whole train split
     c.database.max_eval_chunks = -1  # cap on validation/test chunks (whole docs); -1 = max_chunks
     c.database.max_document_chunks = -1  # keep only each train document's first N chunks
@@ -124,6 +124,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.encoder_ffw_dim = 3584
     c.model.encoder_cross_attend_layers = (1,)  # 1-based encoder layers that attend to H_u
     c.model.encoder_query_conditioning = True  # ablation: encoder does not see H_u
+    # The encoder's token embedding: "input" (the decoder's, the paper) or "output" (the output
+    # projection's column of each token: copying a neighbour token forms sooner).
+    c.model.encoder_embedding = "input"
     c.model.dropout = 0.0
     c.model.dtype = "auto"  # auto (bf16 on TPU/GPU, fp32 on CPU) | float32 | bfloat16
     c.model.remat = "none"  # none | full | dots (jax.checkpoint policy per block)
@@ -138,6 +141,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 2048  # n = L * m
     c.data.num_neighbours = 2  # k in training
     c.data.overfetch = 4  # retrieve k * overfetch, then drop same-document neighbours
+    # 0: each neighbour is [chunk ; continuation] (the paper). S > 0: its window shifts by up to
+    # S tokens to where it best matches the querying chunk, so the continuation lines up with
+    # the tokens being predicted (data_pipeline/input_pipeline/neighbours.py:align_windows);
+    # training, evaluation and sampling all use it.
+    c.data.align_max_shift = 0
     c.data.packing = "packed"  # packed (documents concatenated) | document (one per sequence)
     c.data.shuffle_seed = 0
     c.data.precomputed_neighbours = False  # read neighbours written once to disk
@@ -186,6 +194,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.keep_every = 10_000  # also keep every M-th step's checkpoint; 0 = none
     c.train.init_from = ""  # a checkpoint directory to initialise from (retrofitting)
     c.train.retrofit = False  # freeze the decoder, train only CCA + encoder
+    # The first N of train.num_steps read synthetic copy batches (random tokens, every
+    # neighbour = [C_u ; C_u+1]) so that the copy circuit forms before real text
+    # (retro_jax/train/copy_warmup.py); RETRO only. 0 = off (the paper).
+    c.train.copy_warmup_steps = 0
+    # After the warm-up, this share of the rows of every training batch stays synthetic copy
+    # rows, so that the copy circuit is not unlearnt while real text dominates. 0 = off.
+    c.train.copy_mix = 0.0
 
     # ----------------------------------------------------------------- eval
     c.eval = ml_collections.ConfigDict()

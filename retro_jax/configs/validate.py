@@ -25,6 +25,7 @@ CHOICES = {
     "corpus.kind": CORPUS_KINDS,
     "corpus_fallback": ("", "stdlib"),
     "corpus.wikitext_variant": ("raw", "tokens"),
+    "model.encoder_embedding": ("input", "output"),
     "tokenizer.model_type": ("unigram", "bpe"),
     "database.retriever": retriever_kinds(),
     "embedder.dtype": ("float32", "bfloat16"),
@@ -66,6 +67,7 @@ MINIMUMS = {
     "train.num_steps": 0,
     "train.grad_accum": 1,
     "train.warmup_steps": 0,
+    "train.copy_warmup_steps": 0,
     "train.log_every": 1,
     "train.eval_every": 0,
     "train.eval_batches": 1,
@@ -259,6 +261,19 @@ def validate_config(
     if found["train.batch_size"] % found["train.grad_accum"]:
         raise _fail(source, "train.batch_size", found["train.batch_size"],
                     f"must be a multiple of train.grad_accum={found['train.grad_accum']}")
+    if not 0 <= found["data.align_max_shift"] < found["database.chunk_len"]:
+        raise _fail(source, "data.align_max_shift", found["data.align_max_shift"],
+                    f"must be in [0, database.chunk_len={found['database.chunk_len']})")
+    for key in ("train.copy_warmup_steps", "train.copy_mix"):
+        if found[key] and not found["model.retrieval"]:
+            raise _fail(source, key, found[key], "copy batches train reading neighbours; they "
+                        "need model.retrieval=True (set it to 0 for a baseline)")
+    if not 0.0 <= found["train.copy_mix"] < 1.0:
+        raise _fail(source, "train.copy_mix", found["train.copy_mix"], "a share in [0, 1)")
+    if 0 < found["train.num_steps"] <= found["train.copy_warmup_steps"]:
+        raise _fail(source, "train.copy_warmup_steps", found["train.copy_warmup_steps"],
+                    f"must be below train.num_steps={found['train.num_steps']} (the warm-up "
+                    "steps are part of the run)")
     if found["train.retrofit"] and not found["model.retrieval"]:
         raise _fail(source, "train.retrofit", True,
                     "retrofitting trains CCA + encoder; it needs model.retrieval=True")

@@ -110,13 +110,16 @@ class DocumentScores:
     nll: dict[int, float] = field(default_factory=dict)
     tokens: dict[int, int] = field(default_factory=dict)
 
-    def add(self, doc_ids: np.ndarray, token_nll: np.ndarray, mask: np.ndarray) -> None:
-        """Add one batch.
+    def add(self, doc_ids: np.ndarray, token_nll: np.ndarray, mask: np.ndarray,
+            counts: np.ndarray | None = None) -> None:
+        """Add one batch (each document's values summed in their order here).
 
         Args:
           doc_ids: int64 [...], the document of each target token (-1: none).
           token_nll: float [...], NLL of each target token in nats.
           mask: bool/int [...], which targets are scored.
+          counts: int [...], how many tokens each entry stands for (default 1: one entry per
+            token; the evaluator passes per-window sums and their token counts).
         """
         doc_ids = np.asarray(doc_ids).reshape(-1)
         token_nll = np.asarray(token_nll, dtype=np.float64).reshape(-1)
@@ -125,7 +128,11 @@ class DocumentScores:
             return
         ids, inverse = np.unique(doc_ids[mask], return_inverse=True)
         nll_sums = np.bincount(inverse, weights=token_nll[mask], minlength=len(ids))
-        counts = np.bincount(inverse, minlength=len(ids))
+        if counts is None:
+            counts = np.bincount(inverse, minlength=len(ids))
+        else:
+            weights = np.asarray(counts, np.int64).reshape(-1)[mask]
+            counts = np.bincount(inverse, weights=weights, minlength=len(ids)).astype(np.int64)
         for doc, s, c in zip(ids.tolist(), nll_sums.tolist(), counts.tolist()):
             self.nll[doc] = self.nll.get(doc, 0.0) + s
             self.tokens[doc] = self.tokens.get(doc, 0) + c

@@ -2,7 +2,8 @@
 
 Reads every `<W>/eval/*.json` written by `retro-jax eval` and prints three markdown tables:
 
-1. one row per model (a run's RETRO with its [ON] and [OFF] results side by side; a baseline;
+1. one row per model (a run's RETRO with its [ON], [OFF], random-neighbour and oracle results
+   side by side; a baseline;
    a kNN-LM) and split: the corpus it read (kind and path, from the run's config.json, with
    any disagreement of the result or the database noted), parameters, database size, k,
    the metric with retrieval on and off, bpb filtered at each leakage threshold alpha, and
@@ -22,7 +23,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from retro_jax.evaluate.plots import plot_leakage
-from retro_jax.evaluate.results import collect_leakage_curves, load_results, run_corpus
+from retro_jax.evaluate.results import (
+    RETRIEVAL_MODES,
+    collect_leakage_curves,
+    load_results,
+    run_corpus,
+)
 
 # Wikitext103 word perplexity (valid, test), RETRO paper Table 4.
 PAPER_WIKITEXT103 = {
@@ -66,7 +72,7 @@ def _metric_value(record: dict):
 
 
 def _kind(mode: str) -> str:
-    return {"on": "retro", "off": "retro"}.get(mode, mode)
+    return "retro" if mode in RETRIEVAL_MODES else mode
 
 
 def _alphas(records: Iterable[dict]) -> list[float]:
@@ -101,7 +107,8 @@ def results_table(records: list[dict]) -> str:
     """Markdown: one row per model and split, beside the paper's figure."""
     alphas = _alphas(records)
     header = ["model", "corpus (kind, path)", "split", "metric", "params (non-emb.)",
-              "DB chunks", "k", "retrieval on", "retrieval off"]
+              "DB chunks", "k", "retrieval on", "retrieval off", "random neighbours",
+              "oracle neighbours"]
     header += [f"bpb α≤{a * 100:g}%" for a in alphas]
     header += ["paper (Table 4)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -111,9 +118,10 @@ def results_table(records: list[dict]) -> str:
         main = recs.get("on") or recs.get("off") or next(iter(recs.values()))
         label = {"retro": "RETRO", "baseline": "baseline", "knn-lm": "kNN-LM"}.get(kind, kind)
         name = f"{main.get('name', '?')} ({label})"
+        random = oracle = None
         if kind == "retro":
-            on = _metric_value(recs["on"]) if "on" in recs else None
-            off = _metric_value(recs["off"]) if "off" in recs else None
+            on, off, random, oracle = (_metric_value(recs[m]) if m in recs else None
+                                       for m in RETRIEVAL_MODES)
             k = recs["on"].get("num_neighbours") if "on" in recs else None
         elif kind == "knn-lm":  # retrieval from the kNN datastore
             on, off, k = _metric_value(main), None, (main.get("knn_lm") or {}).get("k")
@@ -127,7 +135,7 @@ def results_table(records: list[dict]) -> str:
             "corpus", "?")
         cells = [name, corpus.replace("|", "\\|"), main.get("split", "?"),
                  main.get("metric", "?"), params_text, _fmt(main.get("db_chunks")),
-                 _fmt(k), _fmt(on), _fmt(off)]
+                 _fmt(k), _fmt(on), _fmt(off), _fmt(random), _fmt(oracle)]
         cells += [_fmt(_filtered(main, a)) for a in alphas]
         cells += [f"{paper[1]:.2f} ({paper[0]})" if paper else "–"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -177,7 +185,10 @@ def build_report(workdirs) -> str:
              "Metric: word_ppl = perplexity per word of the original text (Wikitext103); "
              "bpb = bits per UTF-8 byte. Filtered columns: bpb over the evaluation chunks whose "
              "longest token overlap with their retrieved training neighbours is <= alpha "
-             "(paper section 2.6)."]
+             "(paper section 2.6). Random neighbours: database chunks drawn at random instead of the "
+             "retrieved ones (a model that uses retrieval is worse with them than with its "
+             "own); oracle: each chunk's true continuation as its neighbour (`retro-jax eval "
+             "--retrieval random|oracle`)."]
     subsets = subsets_table(records)
     if subsets:
         parts += ["", "## Bits per byte per subset", "", subsets]

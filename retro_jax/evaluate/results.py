@@ -13,19 +13,23 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 EVAL_DIR = "eval"
-MODES = ("on", "off", "baseline", "knn-lm")
+# A RETRO model's evaluation modes: its retrieved neighbours (on), none (off), and the two
+# diagnostics: random database chunks, and the oracle [C_u ; C_u+1] (evaluator.NEIGHBOUR_SOURCES).
+RETRIEVAL_MODES = ("on", "off", "random", "oracle")
+MODES = (*RETRIEVAL_MODES, "baseline", "knn-lm")
 RESULT_FORMAT = 1
 
 
 def eval_mode(model_retrieval: bool, retrieval: str = "on", knn_lm: bool = False) -> str:
-    """The <mode> of a result file: knn-lm, baseline, on or off."""
+    """The <mode> of a result file: knn-lm, baseline, or a RETRO model's RETRIEVAL_MODES."""
     if knn_lm:
         return "knn-lm"
     if not model_retrieval:
         return "baseline"
-    if retrieval not in ("on", "off"):
-        raise ValueError(f"retrieval must be 'on' or 'off', found {retrieval!r}")
+    if retrieval not in RETRIEVAL_MODES:
+        raise ValueError(f"retrieval must be one of {RETRIEVAL_MODES}, found {retrieval!r}")
     return retrieval
+
 
 
 def result_path(workdir: str | Path, split: str, mode: str) -> Path:

@@ -1,11 +1,16 @@
 """`retro-jax eval`: evaluate a trained run and write `<workdir>/eval/<split>-<mode>.json`.
 
     retro-jax eval --config EXP --workdir W [--split validation|test] [--neighbours K]
-                   [--retrieval on|off] [--leakage] [--knn-lm]
+                   [--retrieval on|off|random|oracle] [--leakage] [--knn-lm]
 
 Modes (the file name's <mode>):
   on        RETRO[ON]: neighbours retrieved inline for every chunk (K = eval.num_neighbours)
   off       RETRO[OFF]: the same weights, no neighbours
+  random    diagnostic: K database chunks drawn at random per chunk (with continuations)
+            instead of the retrieved ones; a model that uses retrieval scores ON < random
+  oracle    diagnostic: each chunk's neighbour is itself followed by its true continuation
+            (slot 0, the others empty): how much copying could gain; oracle << OFF means the
+            model can copy from its neighbours
   baseline  a run with model.retrieval=False (no CCA); --retrieval is ignored
   knn-lm    the run's model (a baseline, as in the paper) interpolated with a kNN datastore
             built over the database's train split (kept in W/eval/knn_lm/ and reused)
@@ -14,6 +19,13 @@ Modes (the file name's <mode>):
 plots every curve of the split found in W/eval/ (on, off, baseline, ...) to
 W/eval/<split>-leakage.png; the baseline of another run directory joins the plot through
 `retro-jax report W_RETRO W_BASELINE --out results.md`.
+
+Several processes (a pod slice: the same command on every host; `maybe_initialize_distributed`
+connects them as for `retro-jax train`): each process scores its share of the windows and of
+the leakage chunks, the per-window sums are gathered and reduced in document order on every
+process (retro_jax/evaluate/evaluator.py), process 0 writes the result file and the plot, and
+every process returns the same record, the one a single process would have written (timing
+aside). kNN-LM stays single-process: its datastore and search are local to one host.
 """
 
 from __future__ import annotations
@@ -94,10 +106,23 @@ def evaluate_run(
     progress: bool = True,
 ) -> dict:
     """Evaluate the latest checkpoint of `workdir`; write and return the result record."""
+    from retro_jax.train.multihost import maybe_initialize_distributed, sync
+
+    maybe_initialize_distributed()  # before anything touches a device
+    import jax
+
+    from retro_jax.configs import ConfigError
     from retro_jax.evaluate.scoring import count_parameters, make_scorer
     from retro_jax.models.sharding import logical_axis_rules, make_mesh
     from retro_jax.train.restore import load_trained_model
 
+    if knn_lm and jax.process_count() > 1:
+        raise ConfigError(
+            f"--knn-lm runs in one process, found {jax.process_count()} processes: the kNN-LM "
+            "datastore and its search live on one host. Run it on a single host (without "
+            "JAX_COORDINATOR_ADDRESS / a multi-host slice), e.g. on worker 0 of the slice with "
+            "mesh.data set to its local devices")
+    is_main = jax.process_index() == 0
     workdir = Path(workdir)
     split = split or config.eval.split
     if knn_max_entries is None:
@@ -111,7 +136,8 @@ def evaluate_run(
     rules = logical_axis_rules(config.mesh)
     model = load_trained_model(workdir, config, mesh=mesh)
     step = latest_step(workdir)
-    k = k_on if mode == "on" else 0
+    k = k_on if mode in ("on", "random", "oracle") else 0
+    neighbour_source = mode if mode in ("random", "oracle") else "retrieved"
 
     knn = None
     knn_info = None
@@ -135,20 +161,25 @@ def evaluate_run(
                       stride=int(config.eval.stride), num_neighbours=k,
                       batch_size=int(config.eval.batch_size), overfetch=int(config.data.overfetch),
                       max_documents=int(config.eval.max_documents), per_chunk=leakage, knn=knn,
-                      mesh=mesh, rules=rules, progress=progress)
+                      neighbour_source=neighbour_source,
+                      align_max_shift=int(config.data.align_max_shift), mesh=mesh, rules=rules,
+                      progress=progress)
     params = count_parameters(model)
     record = make_record(config, result, mode=mode, step=step, params=params, db=db,
                          knn=knn_info)
     if leakage:
         record["leakage"] = leakage_section(config, db, split, result)
     path = result_path(workdir, split, mode)
-    write_json(path, record)
-    log.info("wrote %s", path)
+    png = workdir / EVAL_DIR / f"{split}-leakage.png"
+    if is_main:
+        write_json(path, record)
+        log.info("wrote %s", path)
+        if leakage:
+            curves = collect_leakage_curves([workdir], split)
+            png = plot_leakage(curves, png, title=f"{config.name}: {split}, leakage-filtered")
     if leakage:
-        curves = collect_leakage_curves([workdir], split)
-        png = plot_leakage(curves, workdir / EVAL_DIR / f"{split}-leakage.png",
-                           title=f"{config.name}: {split}, leakage-filtered")
         record["leakage_plot"] = str(png)
+    sync(f"eval-{split}-{mode}-written")  # the file exists when any process returns
     return record
 
 
@@ -175,12 +206,22 @@ def make_record(config, result: EvalResult, *, mode: str, step, params: dict, db
 
 def leakage_section(config, db, split: str, result: EvalResult) -> dict:
     """bpb(alpha) over the scored chunks, with r(C) from eval.leakage_neighbours neighbours."""
+    from retro_jax.train.multihost import gather_shares, process_share
+
     chunk_ids = np.flatnonzero(result.chunk_tokens > 0)
-    ratios = chunk_overlaps(db, split, chunk_ids,
-                            num_neighbours=int(config.eval.leakage_neighbours),
-                            overfetch=int(config.data.overfetch))
-    tokens = np.asarray(db.split(split).tokens[chunk_ids])
-    chunk_bytes = chunk_num_bytes(tokens, db.tokenizer.decode)
+    # Each process measures a contiguous share of the chunks; r(C) and bytes are exact
+    # (integer ratios and counts), so the gathered arrays are those of one process.
+    mine = chunk_ids[process_share(chunk_ids.size)]
+    ratios = np.zeros(0, np.float64)
+    chunk_bytes = np.zeros(0, np.int64)
+    if mine.size:
+        ratios = chunk_overlaps(db, split, mine,
+                                num_neighbours=int(config.eval.leakage_neighbours),
+                                overfetch=int(config.data.overfetch))
+        tokens = np.asarray(db.split(split).tokens[mine])
+        chunk_bytes = chunk_num_bytes(tokens, db.tokenizer.decode)
+    ratios = gather_shares(ratios, chunk_ids.size)
+    chunk_bytes = gather_shares(chunk_bytes, chunk_ids.size)
     curve = leakage_curve(ratios, result.chunk_nll[chunk_ids], chunk_bytes,
                           tuple(config.eval.alphas))
     return {"neighbours": int(config.eval.leakage_neighbours), "chunks": int(chunk_ids.size),
@@ -190,6 +231,9 @@ def leakage_section(config, db, split: str, result: EvalResult) -> dict:
 
 def run_eval(args) -> int:
     """CLI entry (retro_jax/cli.py): evaluate, write the JSON, print a table."""
+    from retro_jax.train.multihost import maybe_initialize_distributed
+
+    maybe_initialize_distributed()  # a pod slice: every host evaluates its share
     import jax
 
     from retro_jax.configs import config_from_args
@@ -198,7 +242,9 @@ def run_eval(args) -> int:
     config = config_from_args(args, num_devices=jax.device_count())
     record = evaluate_run(config, args.workdir, split=args.split, num_neighbours=args.neighbours,
                           retrieval=args.retrieval, leakage=args.leakage,
-                          knn_lm=getattr(args, "knn_lm", False))
-    print(format_eval_table(record))
-    print(f"\nwritten: {result_path(args.workdir, record['split'], record['mode'])}")
+                          knn_lm=getattr(args, "knn_lm", False),
+                          progress=jax.process_index() == 0)
+    if jax.process_index() == 0:
+        print(format_eval_table(record))
+        print(f"\nwritten: {result_path(args.workdir, record['split'], record['mode'])}")
     return 0

@@ -11,6 +11,11 @@ blocks so the [B, n, V] logits (8 GB at B=8, n=2048, V=128k in fp32) never exist
 The model is split once into graphdef + state; the jitted function merges them back inside
 the trace (free). Batches are placed on the mesh with the batch dimension sharded as the rule
 table says when the mesh divides it, else replicated.
+
+Several processes (a pod slice): each process passes its own rows (its share of the windows,
+[b, ...] with the same b everywhere) and gets its own rows back; `BatchPlacement` says how the
+global batch [P x b, ...] is laid out so that every device computes what it would in one
+process.
 """
 
 from __future__ import annotations
@@ -107,21 +112,135 @@ def _new_scorer(model, *, mesh, rules, with_hidden: bool, block_len: int) -> Sco
             stack.enter_context(axis_rules(rules))
         return stack
 
-    def place(x):
-        if x is None or mesh is None:
-            return x
-        return jax.device_put(x, _batch_sharding(mesh, rules, np.ndim(x), np.shape(x)[0]))
+    placement = BatchPlacement(mesh, rules)
 
     def scorer(inputs, neighbours, targets):
         with context():
-            log_probs, hidden = forward(state, place(np.asarray(inputs, np.int32)),
-                                        place(None if neighbours is None
-                                              else np.asarray(neighbours, np.int32)),
-                                        place(np.asarray(targets, np.int32)))
-            return (np.asarray(log_probs),
-                    None if hidden is None else np.asarray(hidden))
+            inputs, neighbours, targets = placement.put(
+                np.asarray(inputs, np.int32),
+                None if neighbours is None else np.asarray(neighbours, np.int32),
+                np.asarray(targets, np.int32))
+            log_probs, hidden = forward(state, inputs, neighbours, targets)
+            return placement.get(log_probs), placement.get(hidden)
 
     return scorer
+
+
+class BatchPlacement:
+    """Host rows [b, ...] <-> global batch arrays on `mesh` (see the module docstring).
+
+    `put` places one process's rows (several arrays of the same batch at once); `get` returns
+    this process's rows of a result whose leading axis is the global batch. With one process:
+    `jax.device_put` and `np.asarray`.
+
+    With several processes the global batch is [P x b, ...]. Two placements:
+      - local: when the batch sharding gives each process one contiguous block of rows and
+        each device one row, a process's rows go straight to its devices
+        (`jax.make_array_from_process_local_data`) and come back from its addressable shards.
+        Every device then computes one window with the program one process would run.
+      - gathered, in one process's order: otherwise (a device holds several rows, or the
+        batch is replicated across processes), the rows of all processes are all-gathered and
+        laid out as one process would batch them (make_eval_windows deals windows round robin,
+        so process p's row r is global row r x P + p); each process takes its rows back.
+        Every device then sees exactly the rows, in the order, of a one-process run, so the
+        log-probabilities are bit-identical to it.
+    """
+
+    def __init__(self, mesh, rules):
+        self.mesh, self.rules = mesh, rules
+        self.rows: slice | None = None  # this process's rows of the global batch last put
+        self._layouts: dict[tuple, tuple[int | None, int]] = {}
+
+    def put(self, *arrays):
+        """Place each array (None passes through); returns them as a tuple."""
+        if self.mesh is None:
+            return arrays
+        count, index = jax.process_count(), jax.process_index()
+        if count == 1:
+            return tuple(None if x is None else jax.device_put(
+                x, _batch_sharding(self.mesh, self.rules, x.ndim, x.shape[0])) for x in arrays)
+        present = [x for x in arrays if x is not None]
+        b = present[0].shape[0]
+        shardings, local = [], True
+        for x in present:
+            global_shape = (b * count, *x.shape[1:])
+            sharding = _batch_sharding(self.mesh, self.rules, x.ndim, global_shape[0])
+            key = (global_shape, sharding.spec)
+            if key not in self._layouts:
+                self._layouts[key] = process_row_layout(sharding, global_shape)
+            start, rows_per_device = self._layouts[key]
+            local = local and start is not None and rows_per_device == 1
+            shardings.append((sharding, global_shape, start))
+        placed = []
+        if local:
+            start = shardings[0][2]
+            self.rows = slice(start, start + b)
+            placed = [jax.make_array_from_process_local_data(sharding, x, global_shape)
+                      for x, (sharding, global_shape, _) in zip(present, shardings)]
+        else:
+            from retro_jax.train.multihost import allgather_host_arrays
+
+            gathered = allgather_host_arrays({str(i): x for i, x in enumerate(present)})
+            self.rows = slice(index, None, count)
+            for i, (sharding, global_shape, _) in enumerate(shardings):
+                full = np.swapaxes(gathered[str(i)], 0, 1).reshape(global_shape)  # r*P + p
+                placed.append(jax.make_array_from_callback(
+                    global_shape, sharding, lambda idx, full=full: full[idx]))
+        it = iter(placed)
+        return tuple(None if x is None else next(it) for x in arrays)
+
+    def get(self, y):
+        if y is None:
+            return None
+        if self.mesh is None or jax.process_count() == 1:
+            return np.asarray(y)
+        rows = self.rows
+        if rows.step in (None, 1):  # a contiguous block: from the addressable shards
+            lo, hi = rows.start, rows.stop
+            out = np.empty((hi - lo, *y.shape[1:]), y.dtype)
+            covered = np.zeros(hi - lo, bool)
+            for shard in y.addressable_shards:
+                first, *rest = shard.index
+                if any(r.indices(n) != (0, n, 1) for r, n in zip(rest, y.shape[1:])):
+                    break  # sharded beyond the batch axis: gather instead
+                start, stop, _ = first.indices(y.shape[0])
+                a, z = max(start, lo), min(stop, hi)
+                if a < z:
+                    out[a - lo:z - lo] = np.asarray(shard.data)[a - start:z - start]
+                    covered[a - lo:z - lo] = True
+            else:
+                if covered.all():
+                    return out
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(y, tiled=True))[rows]
+
+
+def process_row_layout(sharding, global_shape) -> tuple[int | None, int]:
+    """(first global row of this process's block, rows per device) of a batch sharding.
+
+    The first element is None unless every process holds one contiguous block of
+    global_shape[0] / process_count rows, disjoint from the others'.
+    """
+    count = jax.process_count()
+    per = global_shape[0] // count
+    rows_by_process: dict[int, set[int]] = {}
+    rows_per_device = 0
+    for device, index in sharding.devices_indices_map(tuple(global_shape)).items():
+        start, stop, step = index[0].indices(global_shape[0]) if index else (0, 1, 1)
+        if step != 1:
+            return None, global_shape[0]
+        rows_per_device = max(rows_per_device, stop - start)
+        rows_by_process.setdefault(device.process_index, set()).update(range(start, stop))
+    starts = {}
+    for process, rows in rows_by_process.items():
+        lo = min(rows)
+        if len(rows) != per or max(rows) != lo + per - 1:
+            return None, rows_per_device
+        starts[process] = lo
+    if len(set(starts.values())) != count:
+        return None, rows_per_device
+    return starts.get(jax.process_index()), rows_per_device
 
 
 def _batch_sharding(mesh, rules, ndim: int, batch: int):

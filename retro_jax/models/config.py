@@ -51,6 +51,7 @@ class RetroConfig:
     encoder_ffw_dim: int = 3584
     encoder_cross_attend_layers: tuple[int, ...] = (1,)
     encoder_query_conditioning: bool = True
+    encoder_embedding: str = "input"
     dropout: float = 0.0
     dtype: str = "auto"
     remat: str = "none"
@@ -60,6 +61,7 @@ class RetroConfig:
         checks = [
             ("activation", self.activation, ACTIVATIONS),
             ("neighbour_parts", self.neighbour_parts, NEIGHBOUR_PARTS),
+            ("encoder_embedding", self.encoder_embedding, ("input", "output")),
             ("remat", self.remat, REMAT_POLICIES),
             ("dtype", self.dtype, ("auto", "float32", "bfloat16")),
         ]
@@ -105,6 +107,7 @@ class RetroConfig:
             encoder_cross_attend_layers=tuple(int(x)
                                               for x in model_cfg.encoder_cross_attend_layers),
             encoder_query_conditioning=bool(model_cfg.encoder_query_conditioning),
+            encoder_embedding=str(model_cfg.encoder_embedding),
             dropout=float(model_cfg.dropout),
             dtype=str(model_cfg.dtype),
             remat=str(model_cfg.remat),

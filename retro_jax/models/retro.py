@@ -356,8 +356,24 @@ class Retro(nnx.Module):
         mask `[B, L, k, 2m]`)."""
         tokens = select_neighbour_parts(neighbours, self.cfg.neighbour_parts, self.cfg.chunk_len)
         mask = tokens != PAD_ID
-        encoded = self.encoder(self.embed(tokens), mask, decoder_h, dropout_rng)
+        encoded = self.encoder(self.neighbour_embedding(tokens), mask, decoder_h, dropout_rng)
         return encoded, mask
+
+    def neighbour_embedding(self, tokens: jax.Array) -> jax.Array:
+        """Neighbour tokens int32 `[...]` -> the encoder's input `[..., d]`.
+
+        `model.encoder_embedding`: "input" reads the decoder's token embedding (the paper).
+        "output" reads each token's column of the output projection, scaled by sqrt(d) to the
+        embedding's unit scale (with tied embeddings the two are the same table). A
+        neighbour token then enters the encoder as the direction that raises its own logit,
+        so carrying it through CCA into the decoder's prediction is close to an identity map
+        from the first step: copying forms in far fewer steps
+        (docs/notes/retrieval_learning.md).
+        """
+        if self.cfg.encoder_embedding == "output":
+            table = self.output_weights().T * (self.cfg.d_model ** 0.5)  # [V, d]
+            return jnp.take(table, tokens, axis=0).astype(self.cfg.compute_dtype)
+        return self.embed(tokens)
 
     def output_weights(self) -> jax.Array:
         """The output projection `[d, V]` (compute dtype), the 1/sqrt(d) of tying included."""

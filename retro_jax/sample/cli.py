@@ -74,7 +74,8 @@ def sample_run(config, workdir: Path, prompt: str, *, max_tokens: int, temperatu
     k = int(config.sample.num_neighbours)
     neighbours = None
     if model.cfg.retrieval and k > 0:
-        neighbours = DatabaseRetriever(db, retriever.text_search(db), num_neighbours=k)
+        neighbours = DatabaseRetriever(db, retriever.text_search(db), num_neighbours=k,
+                                       align_max_shift=int(config.data.align_max_shift))
     tokenizer = db.tokenizer
     prompt_tokens = tokenizer.encode(prompt)
     result = generate(model, prompt_tokens, max_tokens=max_tokens,

@@ -54,11 +54,15 @@ class DatabaseRetriever:
         deterministic stand-in in tests).
       num_neighbours: k.
       exclude_doc_ids: documents whose chunks are never returned (e.g. the prompt's source).
+      align_max_shift: token alignment of the windows with the querying chunk, as in
+        training (`data.align_max_shift`).
     """
 
     def __init__(self, db: Any, text_search: Any, num_neighbours: int, *,
-                 exclude_doc_ids: Sequence[int] = (), overfetch: int = 4):
+                 exclude_doc_ids: Sequence[int] = (), overfetch: int = 4,
+                 align_max_shift: int = 0):
         self.db = db
+        self.align_max_shift = int(align_max_shift)
         self.text_search = text_search
         self.num_neighbours = int(num_neighbours)
         self.exclude_doc_ids = frozenset(int(d) for d in exclude_doc_ids)
@@ -79,6 +83,10 @@ class DatabaseRetriever:
         out[: min(k, ids.size)] = ids[:k]
         self.seconds += time.perf_counter() - start
         self.calls += 1
+        if self.align_max_shift > 0:
+            from data_pipeline.input_pipeline import neighbour_windows
+
+            return out, neighbour_windows(self.db, out, chunk_tokens, self.align_max_shift)
         return out, self.db.neighbour_tokens(out)
 
 

@@ -37,8 +37,7 @@ def retriever_from_config(config, *, embedder: Any = None, block_rows: int | Non
                                 max_wordpieces=int(e.max_wordpieces), dtype=str(e.dtype))
     return make_retriever(str(config.database.retriever),
                           embedder=embedder if embedder is not None else settings,
-                          index=config.index.to_dict(),
-                          shard_chunks=int(config.database.shard_chunks), block_rows=block_rows)
+                          index=config.index.to_dict(), block_rows=block_rows)
 
 
 def open_run_database(config, workdir: str | Path, *, retriever: Any = None):
@@ -86,6 +85,7 @@ def pipeline_batches(config, db, mesh, rules, split: str = "train", *, shuffle: 
 
     from data_pipeline.input_pipeline import device_batches, make_dataset
     from retro_jax.models.sharding import logical_to_spec
+    from retro_jax.train.copy_warmup import with_copy_warmup
 
     retrieval = bool(config.model.retrieval)
     spec = logical_to_spec(("batch",), rules)
@@ -93,40 +93,96 @@ def pipeline_batches(config, db, mesh, rules, split: str = "train", *, shuffle: 
     if retrieval and config.data.precomputed_neighbours:
         precomputed = ensure_precomputed_neighbours(config, db, split)
 
+    # Copy warm-up and mixing (retro_jax/train/copy_warmup.py): training only, RETRO only.
+    copying = retrieval and split == "train"
+    warmup = int(config.train.copy_warmup_steps) if copying else 0
+    mix = float(config.train.copy_mix) if copying else 0.0
+    rows = config.train.batch_size // jax.process_count()
+
     def factory(start_step: int):
         dataset = make_dataset(
-            db, split, seq_len=config.data.seq_len,
-            batch_size=config.train.batch_size // jax.process_count(),
+            db, split, seq_len=config.data.seq_len, batch_size=rows,
             num_neighbours=config.data.num_neighbours if retrieval else 0,
             overfetch=config.data.overfetch, packing=config.data.packing,
             seed=config.data.shuffle_seed, shuffle=shuffle, repeat=repeat,
-            start_step=start_step, process_index=jax.process_index(),
+            start_step=max(start_step - warmup, 0), process_index=jax.process_index(),
             process_count=jax.process_count(), exclude_same_document=True,
-            precomputed_dir=precomputed,
+            precomputed_dir=precomputed, align_max_shift=config.data.align_max_shift,
             expect_chunk_len=config.database.chunk_len)
+        if start_step < warmup or mix > 0:
+            dataset = with_copy_warmup(
+                dataset.as_numpy_iterator(), start_step=start_step, warmup_steps=warmup,
+                rows=rows, row_offset=rows * jax.process_index(), mix=mix,
+                seed=config.train.seed,
+                batch_size=config.train.batch_size, seq_len=config.data.seq_len,
+                chunk_len=config.database.chunk_len, num_neighbours=config.data.num_neighbours,
+                vocab_size=config.model.vocab_size)
         return device_batches(dataset, mesh, prefetch=config.data.prefetch,
                               batch_partition_spec=spec)
 
     return factory
 
 
+def precomputed_dir(config, db, split: str) -> Path:
+    """Where the precomputed neighbours of `split` live: `<db>/precomputed/<split>-k<k>x<o>`."""
+    k, overfetch = config.data.num_neighbours, config.data.overfetch
+    return Path(db.path) / "precomputed" / f"{split}-k{k}x{overfetch}"
+
+
+def _precomputed_problem(config, db, split: str) -> str | None:
+    """Why the precomputed neighbours of `split` cannot be used as they are (None: they can)."""
+    from data_pipeline.errors import DataError
+    from data_pipeline.input_pipeline.precompute import (
+        check_precomputed,
+        database_fingerprint,
+        precompute_settings,
+    )
+
+    directory = precomputed_dir(config, db, split)
+    settings = precompute_settings(db, num_neighbours=config.data.num_neighbours,
+                                   overfetch=config.data.overfetch, exclude_same_document=True,
+                                   exclude_doc_ids=None)
+    try:
+        check_precomputed(directory, split=split,
+                          num_chunks=int(db.manifest["splits"][split]["num_chunks"]),
+                          settings=settings,
+                          fingerprint=database_fingerprint(
+                              db, int(db.manifest["splits"]["train"]["num_chunks"])))
+    except DataError as e:
+        return str(e)
+    return None
+
+
+def write_precomputed_neighbours(config, db, split: str, *, runner: Any = None,
+                                 force: bool = False) -> Path:
+    """Retrieve the neighbours of every chunk of `split` once (`runner`: LocalRunner or a
+    BeamRunner) into `precomputed_dir`, unless matching ones are there (or `force`)."""
+    from data_pipeline.input_pipeline import precompute_neighbours
+
+    directory = precomputed_dir(config, db, split)
+    problem = _precomputed_problem(config, db, split)
+    if problem is None and not force:
+        log.info("precomputed neighbours of the %s split are in %s", split, directory)
+        return directory
+    log.info("precomputing the neighbours of the %s split into %s", split, directory)
+    return precompute_neighbours(db, split, directory, num_neighbours=config.data.num_neighbours,
+                                 overfetch=config.data.overfetch, exclude_same_document=True,
+                                 runner=runner)
+
+
 def ensure_precomputed_neighbours(config, db, split: str) -> Path:
-    """`<db>/precomputed/<split>-k<k>x<overfetch>`: neighbour ids of every chunk of `split`,
-    retrieved once (process 0, the first time) instead of inline in every epoch."""
+    """`precomputed_dir`: neighbour ids of every chunk of `split`, retrieved once (process 0,
+    the first time, in this process) instead of inline in every epoch; written ahead of
+    training at scale with `retro-jax precompute-neighbours --runner beam`, in which case
+    training reads them and never opens the index."""
     import jax
 
-    from data_pipeline.input_pipeline import precompute_neighbours
     from retro_jax.train.multihost import sync
 
-    k, overfetch = config.data.num_neighbours, config.data.overfetch
-    directory = Path(db.path) / "precomputed" / f"{split}-k{k}x{overfetch}"
-    if jax.process_index() == 0 and not (directory / "DONE").is_file():
-        log.info("precomputing the neighbours of the %s split into %s", split, directory)
-        precompute_neighbours(db, split, directory, num_neighbours=k, overfetch=overfetch,
-                              exclude_same_document=True)
-        (directory / "DONE").write_text("ok\n")
+    if jax.process_index() == 0:
+        write_precomputed_neighbours(config, db, split)
     sync(f"precomputed-{split}")
-    return directory
+    return precomputed_dir(config, db, split)
 
 
 def to_global(batch: dict, setup, keys: tuple[str, ...]) -> dict:

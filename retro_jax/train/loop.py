@@ -127,6 +127,7 @@ def train(config, workdir: str | Path, *, batches: BatchFactory | None = None,
     from retro_jax.models.config import RetroConfig
     from retro_jax.models.retro import Retro, retrofit_filter
     from retro_jax.models.sharding import logical_axis_rules, make_mesh
+    from retro_jax.train import diagnostics
     from retro_jax.train import metrics as metrics_lib
     from retro_jax.train.checkpoint import Checkpointer
     from retro_jax.train.optimizer import make_optimizer, schedule_from_config
@@ -153,6 +154,10 @@ def train(config, workdir: str | Path, *, batches: BatchFactory | None = None,
     schedule = schedule_from_config(tc)
     train_step = setup.make_train_step(grad_accum=tc.grad_accum, schedule=schedule)
     eval_step = setup.make_eval_step()
+    # Retrieval diagnostics at every evaluation: one held-out batch under real, no, random and
+    # oracle neighbours (retro_jax/train/diagnostics.py).
+    diagnostics_step = (setup.make_eval_step(diagnostics.variant_losses)
+                        if model_cfg.retrieval else None)
     batch_keys = ("inputs", "targets") + (("neighbours",) if model_cfg.retrieval else ())
     log.info("mesh %s; %s trainable / %s total parameters", dict(mesh.shape),
              f"{_count(setup.abstract_state['params']):,}",
@@ -278,9 +283,14 @@ def train(config, workdir: str | Path, *, batches: BatchFactory | None = None,
                 window.update(steps=0, wait=0.0, start=now)
             if eval_now:
                 eval_start = time.perf_counter()
+                place = lambda b: to_global(b, setup, batch_keys)  # noqa: E731
                 evaluated = _evaluate(eval_step, state, eval_batches(), tc.eval_batches,
-                                      lambda b: to_global(b, setup, batch_keys),
-                                      tokens_per_byte)
+                                      place, tokens_per_byte)
+                if diagnostics_step is not None:
+                    held_out = place(next(iter(eval_batches())))  # the same batch every time
+                    out = diagnostics_step(state, held_out)
+                    evaluated.update(diagnostics.summarize(out["nll_sum"], out["tokens"],
+                                                           tokens_per_byte))
                 writer.write(step, evaluated)
                 last.update(evaluated)
                 log.info("step %d eval %s", step,

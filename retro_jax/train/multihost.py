@@ -18,8 +18,10 @@ device (the train command does so first thing).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -99,3 +101,70 @@ def sync(name: str, timeout_s: int = 3600) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
+
+
+def allgather_host_arrays(arrays: dict[str, Any]) -> dict[str, Any]:
+    """Every process's host arrays, bit for bit: {name: [process_count, *shape]}.
+
+    Each process passes arrays of the same names, shapes and dtypes (checked first: a
+    ValueError lists them when they differ). Values of any dtype travel as raw bytes, so
+    float64 and int64 survive exactly whatever `jax_enable_x64` says (a plain
+    `process_allgather` would cast them to 32 bits). Rows are in process order. One process:
+    each array with a leading axis of 1, no communication.
+    """
+    import jax
+    import numpy as np
+
+    arrays = {name: np.ascontiguousarray(value) for name, value in arrays.items()}
+    count = jax.process_count()
+    if count == 1:
+        return {name: value[None] for name, value in arrays.items()}
+    from jax.experimental import multihost_utils
+
+    names = sorted(arrays)
+    layout = ";".join(f"{n}:{arrays[n].dtype.str}:{arrays[n].shape}" for n in names)
+    digest = np.frombuffer(hashlib.sha256(layout.encode()).digest()[:8], np.uint8)
+    sizes = np.array([sum(arrays[n].nbytes for n in names)], np.int32)
+    seen = multihost_utils.process_allgather(np.concatenate([digest.astype(np.int32), sizes]))
+    if not (seen == seen[0]).all():
+        raise ValueError(f"allgather_host_arrays: process {jax.process_index()} has "
+                         f"{layout!r}; the processes' arrays differ in name, dtype or shape "
+                         f"({len(np.unique(seen, axis=0))} distinct layouts)")
+    if int(sizes[0]) == 0:
+        return {n: np.empty((count, *arrays[n].shape), arrays[n].dtype) for n in names}
+    raw = np.concatenate([arrays[n].reshape(-1).view(np.uint8) for n in names])
+    gathered = np.asarray(multihost_utils.process_allgather(raw))  # [P, nbytes] uint8
+    out, offset = {}, 0
+    for n in names:
+        nbytes = arrays[n].nbytes
+        block = np.ascontiguousarray(gathered[:, offset:offset + nbytes])
+        out[n] = block.view(arrays[n].dtype).reshape((count, *arrays[n].shape))
+        offset += nbytes
+    return out
+
+
+def process_share(num_items: int) -> slice:
+    """This process's contiguous share of `num_items` (ceil(num_items / processes) each; the
+    last shares may be short or empty): concatenating the shares in process order restores
+    the items' order."""
+    import jax
+
+    per = -(-num_items // jax.process_count())
+    start = min(jax.process_index() * per, num_items)
+    return slice(start, min(start + per, num_items))
+
+
+def gather_shares(local, num_items: int):
+    """The inverse of `process_share`: every process's share of a per-item array [share, ...],
+    concatenated in process order into [num_items, ...] (on every process)."""
+    import jax
+    import numpy as np
+
+    local = np.asarray(local)
+    if jax.process_count() == 1:
+        return local
+    per = -(-num_items // jax.process_count())
+    padded = np.zeros((per, *local.shape[1:]), local.dtype)
+    padded[:len(local)] = local
+    gathered = allgather_host_arrays({"share": padded})["share"]
+    return gathered.reshape((-1, *local.shape[1:]))[:num_items]

@@ -63,19 +63,39 @@ def save_figure(fig, ax, out: str | Path, *, xlabel: str | None = None,
     return out
 
 
+# Metric groups `--metric` accepts besides single metrics: a prefix of metrics.jsonl keys.
+METRIC_GROUPS = {
+    "diagnostics": "diag_loss_",  # loss with retrieved / no / random / oracle neighbours
+    "cca": "diag_cca_ratio_",  # per CCA layer: |CCA output| / |residual stream|
+}
+
+
+def expand_metric(metric: str, records: list[dict]) -> list[str]:
+    """`loss` -> [loss]; `a,b` -> [a, b]; a METRIC_GROUPS name -> the keys it covers."""
+    if metric in METRIC_GROUPS:
+        prefix = METRIC_GROUPS[metric]
+        return sorted({k for r in records for k in r if k.startswith(prefix)})
+    return [m for m in metric.split(",") if m]
+
+
 def plot_runs(workdirs: Sequence[Path], out: Path, metric: str = "loss",
               *, log_y: bool | None = None) -> Path:
-    """Write a PNG of `metric` vs step for every run in `workdirs`; return its path."""
+    """Write a PNG of `metric` (one metric, several comma-separated, or a METRIC_GROUPS name)
+    vs step for every run in `workdirs`; return its path."""
     plt, fig, ax = new_figure(7, 4.5)  # plt: closes the figure if nothing is plotted
     plotted = 0
     for workdir in workdirs:
-        rows = [r for r in read_metrics(workdir) if metric in r]
-        if not rows:
-            log.warning("%s: no %r in metrics.jsonl", workdir, metric)
-            continue
-        ax.plot([r["step"] for r in rows], [r[metric] for r in rows], label=run_label(workdir),
-                marker="o" if len(rows) < 30 else None, markersize=3)
-        plotted += 1
+        records = read_metrics(workdir)
+        names = expand_metric(metric, records)
+        for name in names:
+            rows = [r for r in records if name in r]
+            if not rows:
+                log.warning("%s: no %r in metrics.jsonl", workdir, name)
+                continue
+            label = run_label(workdir) + (f" {name}" if len(names) > 1 else "")
+            ax.plot([r["step"] for r in rows], [r[name] for r in rows], label=label,
+                    marker="o" if len(rows) < 30 else None, markersize=3)
+            plotted += 1
     if not plotted:
         plt.close(fig)
         available = sorted({k for w in workdirs for r in read_metrics(w) for k in r} - {"step"})

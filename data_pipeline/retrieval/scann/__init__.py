@@ -15,8 +15,10 @@ from data_pipeline.retrieval.scann.recall import (
     check_recall,
     exact_search,
     measure_recall,
+    merged_recall,
     noisy_queries,
     recall_at_k,
+    shard_recall_part,
 )
 from data_pipeline.retrieval.scann.shard import ShardSearcher, build_shard, pad_topk
 from data_pipeline.retrieval.scann.sharded import ShardedSearcher, merge_topk
@@ -30,7 +32,9 @@ __all__ = [
     "exact_search",
     "measure_recall",
     "merge_topk",
+    "merged_recall",
     "noisy_queries",
     "pad_topk",
     "recall_at_k",
+    "shard_recall_part",
 ]

@@ -144,6 +144,57 @@ def measure_recall(searcher, keys: np.ndarray, sample_queries: np.ndarray, k: in
     return float(correct.sum()) / float(wanted.sum())
 
 
+def shard_recall_part(searcher, keys: np.ndarray, queries: np.ndarray, k: int = 10
+                      ) -> dict[str, np.ndarray]:
+    """What one index shard contributes to the recall@k of a sharded index (`merged_recall`):
+    the shard's approximate top-k (global ids, ScaNN distances, and the ids' exact distances)
+    and its exact top-k distances, for `queries` [Q, d]. `keys`: the shard's keys."""
+    queries = np.asarray(queries, dtype=np.float32)
+    approx_ids, approx_d = searcher.search(queries, k)
+    local = np.where(approx_ids >= 0, approx_ids - searcher.first_chunk, -1)
+    _, exact_d = exact_search(keys, queries, k, return_distances=True)
+    return {"approx_ids": approx_ids.astype(np.int64), "approx_d": approx_d.astype(np.float32),
+            "approx_exact_d": key_distances(keys, queries, local),
+            "exact_d": exact_d.astype(np.float32)}
+
+
+def merged_recall(parts, queries: np.ndarray, k: int = 10) -> float:
+    """Recall@k of a sharded index from its shards' `shard_recall_part`s, in shard order.
+
+    The approximate lists are merged as the sharded searcher merges them (the k smallest
+    ScaNN distances, ties to the earlier shard); the exact k-th distance is the k-th smallest
+    over the shards' exact lists; ties count as in `measure_recall`. One shard at a time is
+    held, so the index never has to fit one machine.
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    ids = d = exact_of_ids = exact = None
+    for part in parts:
+        if ids is None:
+            ids, d = part["approx_ids"], part["approx_d"]
+            exact_of_ids, exact = part["approx_exact_d"], part["exact_d"]
+            continue
+        all_d = np.concatenate([d, part["approx_d"]], axis=1)
+        order = np.argsort(all_d, axis=1, kind="stable")[:, :k]
+        ids = np.take_along_axis(np.concatenate([ids, part["approx_ids"]], axis=1), order, 1)
+        exact_of_ids = np.take_along_axis(
+            np.concatenate([exact_of_ids, part["approx_exact_d"]], axis=1), order, 1)
+        d = np.take_along_axis(all_d, order, 1)
+        exact = np.sort(np.concatenate([exact, part["exact_d"]], axis=1), axis=1)[:, :k]
+    if ids is None:
+        return 1.0
+    exact = np.sort(exact, axis=1)
+    wanted = np.isfinite(exact).sum(1)  # min(k, n) per query
+    if int(wanted.sum()) == 0:
+        return 1.0
+    kth = exact[np.arange(len(queries)), np.maximum(wanted - 1, 0)]
+    first = np.ones(ids.shape, bool)
+    for j in range(1, ids.shape[1]):
+        first[:, j] = ~(ids[:, :j] == ids[:, j:j + 1]).any(1)
+    close = (ids >= 0) & first & (exact_of_ids <= (kth + tie_tolerance(kth, queries))[:, None])
+    correct = np.minimum(close.sum(1), wanted)
+    return float(correct.sum()) / float(wanted.sum())
+
+
 def check_recall(recall: float, params: IndexParams, *, where: str = "index") -> None:
     """Raises DataError when `recall` < params.recall_floor, naming the knob to raise."""
     if recall >= params.recall_floor:
