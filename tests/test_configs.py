@@ -75,6 +75,7 @@ def test_paper_file_sizes_and_baseline(path):
             tag = variant.replace(".", "_")
             assert config.name == f"{dataset}-{'baseline' if baseline else 'retro'}-{tag}"
             assert config.model.retrieval is not baseline and config.model.size == size
+            assert config.model.scan_layers  # compiles flat with depth (docs/model.md)
             for key, value in PAPER_SIZES[size].items():
                 assert config.model[key] == value, (variant, key)
             assert config.corpus.kind == dataset and config.corpus_fallback == ""

@@ -66,8 +66,10 @@ def _run_on_mesh(model, batch, shape):
     with jax.set_mesh(mesh), axis_rules(rules):
         shardings = state_shardings(state, mesh, rules)
         state = jax.device_put(state, shardings)
-        data = tuple(jax.device_put(x, batch_sharding(mesh, rules, x.ndim)) for x in batch)
-        in_sh = (shardings,) + tuple(batch_sharding(mesh, rules, x.ndim) for x in batch)
+        placed = [None if x is None else batch_sharding(mesh, rules, x.ndim) for x in batch]
+        data = tuple(None if x is None else jax.device_put(x, sh)
+                     for x, sh in zip(batch, placed, strict=True))
+        in_sh = (shardings, *placed)
         fn = jax.jit(lambda s, *b: _value_and_grad(graphdef, s, *b), in_shardings=in_sh,
                      out_shardings=(None, None, shardings))
         loss, logits, grads = fn(state, *data)
@@ -123,3 +125,72 @@ def test_rule_resolution_skips_used_axes_and_indivisible_dims():
     sizes = {"data": 1, "fsdp": 4, "tensor": 2}
     assert logical_to_spec(("embed", "heads"), rules, (6, 4), sizes) == PartitionSpec(
         None, "tensor")
+
+
+# ------------------------------------------------------------------ model.scan_layers
+def test_stacked_parameters_shard_like_unrolled_ones():
+    """A stacked parameter `[R, ...]` (model.scan_layers) is replicated along its "layers"
+    axis and sharded like the unrolled parameter of each of its rows on the rest."""
+    import dataclasses
+
+    from retro_jax.models.scan_layers import decoder_runs
+
+    cfg = tiny_config(num_layers=6, cca_layers=(2, 4, 6))
+    specs = {}
+    for scan in (False, True):
+        layout = dataclasses.replace(cfg, scan_layers=scan)
+        specs[scan] = _specs_json(nnx.eval_shape(lambda c=layout: Retro(c, rngs=nnx.Rngs(0))))
+    expected = {k: v for k, v in specs[False].items() if not k.startswith("blocks/")}
+    for s, run in enumerate(decoder_runs(dataclasses.replace(cfg, scan_layers=True))):
+        for j in range(run.period):
+            for layer in run.layers(j):
+                prefix = f"blocks/{layer - 1}/"
+                for key, spec in specs[False].items():
+                    if key.startswith(prefix):
+                        stacked_key = f"stacked_blocks/{s}/{j}/{key[len(prefix):]}"
+                        assert specs[True][stacked_key] == [None] + spec, stacked_key
+                        expected[stacked_key] = [None] + spec
+    assert specs[True] == expected  # nothing else is stacked, nothing is missing
+
+
+def _flatten(tree, prefix=()):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+@pytest.mark.parametrize("layers", [
+    dict(num_layers=3, cca_layers=()),  # the baseline: runs P x3
+    pytest.param(dict(num_layers=6, cca_layers=(2, 4, 6)),  # runs (P E) | (P C) x2
+                 marks=pytest.mark.slow),
+])
+def test_scanned_model_on_a_mesh_matches_the_unrolled_one(layers):
+    """FSDP x tensor sharding of stacked parameters under the scan (a loop over plain layers;
+    the slow form adds stacked CCA layers and the encoder): the loss, logits and gradients of
+    the unrolled model on one device."""
+    import dataclasses
+
+    from retro_jax.models.scan_layers import unstack_params
+
+    cfg = tiny_config(**layers)
+    batch = make_batch(batch=8)
+    if not cfg.retrieval:
+        batch = (*batch[:2], None)
+    unrolled = new_model(cfg)
+    graphdef, state = nnx.split(unrolled)
+    loss, logits, grads = jax.device_get(
+        jax.jit(_value_and_grad, static_argnums=0)(graphdef, state, *batch))
+    scanned = new_model(dataclasses.replace(cfg, scan_layers=True))
+    (m_loss, m_logits, m_grads), _ = _run_on_mesh(scanned, batch, (2, 2, 2))
+    np.testing.assert_allclose(m_loss, loss, rtol=1e-5)
+    np.testing.assert_allclose(m_logits, logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
+    got = _flatten(unstack_params(nnx.to_pure_dict(m_grads), cfg))
+    want = _flatten(nnx.to_pure_dict(grads))
+    assert got.keys() == want.keys()
+    for path, ref in want.items():
+        np.testing.assert_allclose(got[path], ref, rtol=1e-5,
+                                   atol=1e-5 * (np.abs(ref).max() + 1e-12), err_msg=str(path))

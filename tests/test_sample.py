@@ -82,11 +82,21 @@ def model() -> Retro:
     return new_model(tiny_config(), seed=3)
 
 
+@pytest.fixture(scope="module")
+def scanned_model() -> Retro:
+    """model.scan_layers with a run to scan: 4 layers, CCA at 2, 3, 4 (runs P | E | C x2)."""
+    return new_model(tiny_config(cca_layers=(2, 3, 4), scan_layers=True), seed=3)
+
+
 PROMPT = [5, 9, 11, 2, 40, 7]  # one complete chunk of 4 and a partial one
 MAX_LEN = 8 * CHUNK  # one cache size for every test: the compiled steps are shared
 
 
-def test_cached_and_uncached_greedy_agree_token_for_token(model):
+@pytest.mark.parametrize("which", ["model", "scanned_model"])
+def test_cached_and_uncached_greedy_agree_token_for_token(which, request):
+    """Decoding with the cache (`decode_step`, which reads a scanned model's stacked blocks
+    layer by layer) against the full forward (the scans) every token."""
+    model = request.getfixturevalue(which)
     max_len = MAX_LEN
     results, logits = {}, {}
     for use_cache in (True, False):

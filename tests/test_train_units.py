@@ -46,6 +46,10 @@ def test_weight_decay_mask_matrices_only():
     params = {"embed": jnp.zeros((10, 4)), "kernel": jnp.zeros((4, 2, 3)),
               "scale": jnp.zeros((4,)), "bias": jnp.zeros((3,))}
     assert decay_mask(params) == {"embed": True, "kernel": True, "scale": False, "bias": False}
+    # model.scan_layers: a leading layers axis is not a matrix dimension.
+    stacked = {"stacked_blocks": {0: {0: {"scale": jnp.zeros((3, 4)),
+                                          "kernel": jnp.zeros((3, 4, 2))}}}}
+    assert decay_mask(stacked) == {"stacked_blocks": {0: {0: {"scale": False, "kernel": True}}}}
 
 
 def test_checkpointer_roundtrip_retention_and_partial_writes(tmp_path):

@@ -130,6 +130,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0
     c.model.dtype = "auto"  # auto (bf16 on TPU/GPU, fp32 on CPU) | float32 | bfloat16
     c.model.remat = "none"  # none | full | dots (jax.checkpoint policy per block)
+    # Run the decoder as jax.lax.scan over repeated layer groups (e.g. [plain, plain, CCA]),
+    # parameters stacked on a leading "layers" axis: the compiled program and its compile time
+    # stay flat with depth. Same function and parameter count; another checkpoint layout
+    # (converted on load for eval, sample and train.init_from). docs/model.md
+    c.model.scan_layers = False
 
     # ------------------------------------------------------------------ data
     c.data = ml_collections.ConfigDict()
@@ -162,6 +167,8 @@ def get_base_config() -> ml_collections.ConfigDict:
         ("length", None),
         ("neighbours", None),
         ("chunks", None),
+        ("layers", None),  # the stacked axis of model.scan_layers: each layer's slice is
+                           # sharded like an unrolled layer's parameter
     )
 
     # ---------------------------------------------------------------- train

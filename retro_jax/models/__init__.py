@@ -9,6 +9,12 @@
 from retro_jax.models.config import RetroConfig
 from retro_jax.models.loss import chunked_cross_entropy, cross_entropy
 from retro_jax.models.retro import DecoderBlock, Retro, init_model, retrofit_filter
+from retro_jax.models.scan_layers import (
+    convert_params,
+    decoder_runs,
+    stack_params,
+    unstack_params,
+)
 from retro_jax.models.sharding import (
     axis_rules,
     batch_sharding,
@@ -22,7 +28,7 @@ from retro_jax.models.sharding import (
 
 __all__ = [
     "DecoderBlock", "Retro", "RetroConfig", "axis_rules", "batch_sharding",
-    "chunked_cross_entropy", "cross_entropy", "init_model", "logical_axis_rules",
-    "logical_to_spec", "make_mesh", "retrofit_filter", "shard", "state_partition_specs",
-    "state_shardings",
+    "chunked_cross_entropy", "convert_params", "cross_entropy", "decoder_runs", "init_model",
+    "logical_axis_rules", "logical_to_spec", "make_mesh", "retrofit_filter", "shard",
+    "stack_params", "state_partition_specs", "state_shardings", "unstack_params",
 ]

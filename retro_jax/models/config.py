@@ -26,7 +26,9 @@ class RetroConfig:
     `cca_layers` is resolved (the paper default applied); `()` is the baseline (no CCA, no
     encoder parameters at all). `dropout` is the drop probability on every residual branch
     (decoder self-attention, CCA and FFW; encoder self-attention, cross-attention and FFW),
-    applied only when the forward pass is given a `dropout_rng` (training).
+    applied only when the forward pass is given a `dropout_rng` (training). `scan_layers`
+    runs the decoder as scans over repeated layer groups (`retro_jax.models.scan_layers`);
+    it changes the parameter layout and the compiled program, not the function.
     """
 
     vocab_size: int
@@ -53,6 +55,7 @@ class RetroConfig:
     dropout: float = 0.0
     dtype: str = "auto"
     remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -108,6 +111,7 @@ class RetroConfig:
             dropout=float(model_cfg.dropout),
             dtype=str(model_cfg.dtype),
             remat=str(model_cfg.remat),
+            scan_layers=bool(model_cfg.scan_layers),
         )
 
     @property

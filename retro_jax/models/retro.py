@@ -23,10 +23,19 @@ from its own key, `fold_in`ed from that one by (layer, branch), so no RNG state 
 Decoding: `Retro.decode_step(tokens [B], pos, cache, neighbours)` feeds one token per call
 through the same block methods as the forward pass, each given its slice of a `DecodeCache`
 (the self-attention keys/values of every layer, the CCA keys/values of every completed chunk).
+
+Layer scan (`cfg.scan_layers`, retro_jax/models/scan_layers.py): the decoder layers are
+grouped into runs of a repeated group (e.g. [plain, plain, CCA] x 5); the blocks of a run are
+stored stacked (`stacked_blocks`, a leading "layers" axis) and a run of more than one repeat
+is one `jax.lax.scan` whose body applies the group with the same block methods, remat policy
+and dropout keys as the unrolled loop. Without it, `blocks` holds one block per layer and
+every layer is its own run. `decode_step` reads the stacked blocks layer by layer (slices),
+so the `DecodeCache` has the same per-layer form in both layouts.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -46,6 +55,15 @@ from retro_jax.models.layers import (
     fold_in,
     rotary,
     row_matmul,
+)
+from retro_jax.models.scan_layers import (
+    CCA_ENCODER,
+    PLAIN,
+    Run,
+    decoder_runs,
+    layer_kinds,
+    slice_block,
+    stack_blocks,
 )
 from retro_jax.models.sharding import shard
 
@@ -151,9 +169,19 @@ class Retro(nnx.Module):
         self.cfg = cfg
         dtype = cfg.compute_dtype
         self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, rngs=rngs)
-        cca = set(cfg.cca_layers)
-        self.blocks = nnx.List([DecoderBlock(cfg, (i + 1) in cca, rngs=rngs)
-                                for i in range(cfg.num_layers)])
+        # Blocks are created layer by layer in both layouts (the same initial parameters
+        # for the same seed), then stacked per run position for the scanned layout.
+        blocks = [DecoderBlock(cfg, kind != PLAIN, rngs=rngs)
+                  for kind in layer_kinds(cfg.num_layers, cfg.cca_layers)]
+        if cfg.scan_layers:
+            self.blocks = None
+            self.stacked_blocks = nnx.List([
+                nnx.List([stack_blocks([blocks[layer - 1] for layer in run.layers(j)])
+                          for j in range(run.period)])
+                for run in decoder_runs(cfg)])
+        else:
+            self.blocks = nnx.List(blocks)
+            self.stacked_blocks = None
         self.encoder = NeighbourEncoder(cfg, rngs=rngs) if cfg.retrieval else None
         self.final_norm = RMSNorm(cfg.d_model, dtype=dtype, rngs=rngs)
         self.output = (None if cfg.tie_embeddings else
@@ -190,22 +218,94 @@ class Retro(nnx.Module):
         x = shard(self.embed(inputs), ACT_NAMES)
         encoded = neighbour_mask = None
         shares: dict[int, jax.Array] = {}
-        remat = self._remat
-        for layer, block in enumerate(self.blocks, start=1):
-            layer_rng = fold_in(rng, layer)
+        for run, blocks in zip(decoder_runs(cfg), self._run_blocks(), strict=True):
+            if run.repeats == 1:
+                x, encoded, neighbour_mask, unit_shares = self._apply_group(
+                    blocks, run.unit, run.first, x, encoded, neighbour_mask, neighbours, rng,
+                    return_cca_attention)
+                shares.update({run.first + j: share for j, share in unit_shares.items()})
+            else:
+                x, unit_shares = self._scan_run(blocks, run, x, encoded, neighbour_mask, rng,
+                                                return_cca_attention)
+                for j, stacked in unit_shares.items():  # [R, B, L, k] per group position
+                    shares.update(zip(run.layers(j), stacked))
+        h = self.final_norm(x)
+        return (h, dict(sorted(shares.items()))) if return_cca_attention else h
+
+    def _apply_group(self, blocks, unit: tuple[str, ...], first_layer, x, encoded,
+                     neighbour_mask, neighbours, rng, return_cca_attention: bool,
+                     in_scan: bool = False):
+        """The decoder layers first_layer, first_layer + 1, ... (kinds `unit`, blocks
+        `blocks`) on x `[B, n, d]`: the one layer loop of both layouts.
+
+        `first_layer` is an int, or a traced int32 inside a scan (only the dropout keys use
+        it: layer l drops with fold_in(rng, l) in both layouts). At the `CCA_ENCODER` layer the
+        encoder runs on the activations after its self-attention. Returns (x, encoded,
+        neighbour_mask, {group position: CCA attention shares `[B, L, k]`}).
+        """
+        remat = functools.partial(self._remat, prevent_cse=not in_scan)
+        shares = {}
+        for j, (block, kind) in enumerate(zip(blocks, unit, strict=True)):
+            layer_rng = fold_in(rng, first_layer + j)
             x = remat(DecoderBlock.self_attention)(block, x, dropout_rng=layer_rng)
-            if layer == cfg.first_cca_layer and neighbours is not None:
+            if kind == CCA_ENCODER and neighbours is not None:
                 encoded, neighbour_mask = remat(Retro._encode)(self, neighbours, x,
                                                                fold_in(rng, ENCODER_RNG))
-            if block.cca is not None and encoded is not None:
+            if kind != PLAIN and encoded is not None:
                 x, share = remat(DecoderBlock.chunked_cross_attention, static_argnums=(4,))(
                     block, x, encoded, neighbour_mask, return_cca_attention,
                     dropout_rng=layer_rng)
                 if return_cca_attention:
-                    shares[layer] = share
+                    shares[j] = share
             x = remat(DecoderBlock.feed_forward)(block, x, layer_rng)
-        h = self.final_norm(x)
-        return (h, shares) if return_cca_attention else h
+        return x, encoded, neighbour_mask, shares
+
+    def _scan_run(self, stacked: nnx.List, run: Run, x, encoded, neighbour_mask, rng,
+                  return_cca_attention: bool):
+        """A run of R > 1 repeats as one `jax.lax.scan` over the stacked blocks `[R, ...]`.
+
+        Carry: x `[B, n, d]`; per step: the group's parameters (row r) and its first layer.
+        The encoder never runs here (its layer is unique, so its run has one repeat); the
+        encoded neighbours are loop-invariant. The remat policy applies inside the body, to
+        the same branches as unrolled (prevent_cse off: the loop already keeps the
+        recomputation from being merged with the forward). Returns (x, {group position:
+        shares `[R, B, L, k]`}).
+        """
+        graphdef, params = nnx.split(stacked)
+        first_layers = run.first + run.period * jnp.arange(run.repeats, dtype=jnp.int32)
+
+        def body(x, xs):
+            params, first_layer = xs
+            blocks = list(nnx.merge(graphdef, params))
+            x, _, _, shares = self._apply_group(blocks, run.unit, first_layer, x, encoded,
+                                                neighbour_mask, None, rng,
+                                                return_cca_attention, in_scan=True)
+            return x, shares
+
+        return jax.lax.scan(body, x, (params, first_layers))
+
+    def _run_blocks(self) -> list[list[DecoderBlock]]:
+        """Per run of `decoder_runs(cfg)`, the blocks of its group: stacked `[R, ...]` for a
+        run that is scanned, plain (row 0 of a stacked run of one) for one that is not."""
+        if self.stacked_blocks is None:
+            return [[block] for block in self.blocks]
+        return [list(stacked) if run.repeats > 1 else [slice_block(b, 0) for b in stacked]
+                for run, stacked in zip(decoder_runs(self.cfg), self.stacked_blocks,
+                                        strict=True)]
+
+    def layer_blocks(self) -> list[tuple[int, str, DecoderBlock]]:
+        """(1-based layer, kind, its block) for every decoder layer in depth order, in either
+        layout (a scanned model's blocks are slices of its stacked ones)."""
+        if self.stacked_blocks is None:
+            kinds = layer_kinds(self.cfg.num_layers, self.cfg.cca_layers)
+            return [(layer, kinds[layer - 1], block)
+                    for layer, block in enumerate(self.blocks, start=1)]
+        out = []
+        for run, stacked in zip(decoder_runs(self.cfg), self.stacked_blocks, strict=True):
+            for r in range(run.repeats):
+                for j, (kind, block) in enumerate(zip(run.unit, stacked, strict=True)):
+                    out.append((run.first + r * run.period + j, kind, slice_block(block, r)))
+        return out
 
     def decode_step(self, tokens: jax.Array, pos: jax.Array, cache: DecodeCache,
                     neighbours: jax.Array | None = None, *, return_cca_attention: bool = False):
@@ -231,9 +331,9 @@ class Retro(nnx.Module):
         encoded = neighbour_mask = None
         shares: dict[int, jax.Array] = {}
         cca_index = 0
-        for layer, block in enumerate(self.blocks, start=1):
+        for layer, kind, block in self.layer_blocks():
             x, layers[layer - 1] = block.self_attention(x, positions, layers[layer - 1])
-            if layer == cfg.first_cca_layer:
+            if kind == CCA_ENCODER:
                 # H of the current chunk; complete (H_u) when pos is its last token.
                 chunk_h = jax.lax.dynamic_update_slice(chunk_h, x.astype(chunk_h.dtype),
                                                        (0, pos % cfg.chunk_len, 0))
@@ -290,13 +390,14 @@ class Retro(nnx.Module):
         return shard(logits, ("batch", "length", "vocab"))
 
     # ------------------------------------------------------------------ helpers
-    def _remat(self, fn, static_argnums=()):
+    def _remat(self, fn, static_argnums=(), prevent_cse: bool = True):
         """`fn` under `nnx.remat` with the configured policy (identity for "none")."""
         if self.cfg.remat == "none":
             return fn
         policy = (jax.checkpoint_policies.checkpoint_dots if self.cfg.remat == "dots"
                   else None)
-        return nnx.remat(fn, policy=policy, static_argnums=static_argnums)
+        return nnx.remat(fn, policy=policy, static_argnums=static_argnums,
+                         prevent_cse=prevent_cse)
 
 
 __all__ = ["Attention", "DecodeCache", "DecoderBlock", "KVCache", "NeighbourKV", "Retro",

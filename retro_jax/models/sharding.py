@@ -34,7 +34,7 @@ from retro_jax.configs import mesh_shape
 
 MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "vocab", "neighbours",
-                "chunks")
+                "chunks", "layers")
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 _ACTIVE_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar(

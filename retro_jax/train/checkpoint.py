@@ -130,6 +130,15 @@ class Checkpointer:
             step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
         return restored["params"]
 
+    def params_tree(self, step: int | None = None) -> dict:
+        """The structure of checkpoint `step`'s params (None = latest) without reading them:
+        a nested dict (string keys) of orbax `ArrayMetadata` (shape, dtype)."""
+        step = self._step_or_latest(step)
+        # The item's own handler: a manager that has not saved or restored `params` yet (a
+        # reader) has no handler registered for it and would return no metadata.
+        handler = ocp.StandardCheckpointHandler()
+        return handler.metadata(self.directory / str(step) / "params").tree
+
     def restore_meta(self, step: int | None = None) -> dict:
         """The JSON metadata of checkpoint `step` (None = latest)."""
         step = self._step_or_latest(step)

@@ -6,8 +6,9 @@ Schedule (Borgeaud et al. 2021, section 4 / appendix): the learning rate rises l
 `train.num_steps`, and stays there.
 
 Weight decay (`train.weight_decay`, 0.1 in the paper) applies to every parameter with two or more
-dimensions: all weight matrices, including the token embedding and the output projection, but
-not norm scales or biases (vectors). This is the common GPT/Chinchilla practice; the paper only
+dimensions per layer (a `model.scan_layers` stack of vectors `[R, d]` is not a matrix): all
+weight matrices, including the token embedding and the output projection, but not norm scales
+or biases (vectors). This is the common GPT/Chinchilla practice; the paper only
 states "weight decay 0.1".
 
 Retrofitting freezes parameters by not giving them to the optimiser at all (the train state
@@ -22,6 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 import optax
+
+from retro_jax.models.scan_layers import stacked_axes
 
 
 def learning_rate_schedule(
@@ -65,8 +68,11 @@ def schedule_from_config(train_cfg) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for parameters that get weight decay: every array with ndim >= 2 (matrices)."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """True for parameters that get weight decay: matrices, i.e. arrays with ndim >= 2 not
+    counting the leading layers axis of a scanned model's stacked parameters
+    (`model.scan_layers`: a stack of norm scales `[R, d]` is R vectors, not a matrix)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: jnp.ndim(p) - stacked_axes(path) >= 2, params)
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:

@@ -8,11 +8,16 @@
   load_trained_model            the latest checkpoint of a run as a Retro module (eval, sample)
 
 Parameters are stored as a nested dict (`nnx.to_pure_dict`), so any model whose parameter
-paths match can read them, whatever its mesh or train/frozen split.
+paths match can read them, whatever its mesh or train/frozen split. The decoder's paths depend
+on `model.scan_layers` (per-layer `blocks/...` or stacked `stacked_blocks/...`, see
+retro_jax/models/scan_layers.py): every loader reads a checkpoint in the layout it was
+written in (found from the stored tree) and converts it to the model's, so a checkpoint of
+either layout resumes, evaluates, samples and initialises a model of the other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -27,6 +32,7 @@ from retro_jax.configs import ConfigError, load_saved_config
 from retro_jax.configs.loader import config_from_dict
 from retro_jax.models.config import RetroConfig
 from retro_jax.models.retro import Retro
+from retro_jax.models.scan_layers import convert_params, params_layout, unstack_params
 from retro_jax.models.sharding import axis_rules, logical_axis_rules, make_mesh
 from retro_jax.train.checkpoint import Checkpointer, resolve_checkpoint_dir
 from retro_jax.train.state import DROPOUT_STREAM, TrainSetup, variable_shardings
@@ -77,7 +83,22 @@ def _jsonable(obj):
 
 def restore_state(ckpt: Checkpointer, setup: TrainSetup, step: int | None = None
                   ) -> tuple[dict, dict]:
-    """(train state, meta) of checkpoint `step` (None = latest), in `setup`'s shardings."""
+    """(train state, meta) of checkpoint `step` (None = latest), in `setup`'s shardings.
+
+    A checkpoint written with the other `model.scan_layers` is restored in its own layout
+    (a TrainSetup of that layout, same optimiser, filters and mesh) and converted: the
+    parameters and every parameter-shaped part of the optimiser state (the AdamW moments).
+    """
+    cfg = _model_cfg(setup)
+    stored = params_layout(ckpt.params_tree(step))
+    if cfg is not None and stored is not None and stored != cfg.scan_layers:
+        src_cfg = dataclasses.replace(cfg, scan_layers=stored)
+        source = TrainSetup.create(lambda rngs: Retro(src_cfg, rngs=rngs), setup.optimizer,
+                                   setup.mesh, setup.rules, trainable=setup.filters[0])
+        state, meta = restore_state(ckpt, source, step)
+        log.info("checkpoint %s: model.scan_layers=%s layout converted to scan_layers=%s",
+                 meta.get("next_step"), stored, cfg.scan_layers)
+        return _convert_state(state, setup, cfg), meta
     abstract = setup.abstract_state
     abstract_params = nnx.to_pure_dict(nnx.merge_state(abstract["params"], abstract["frozen"]))
     replicated = NamedSharding(setup.mesh, PartitionSpec())
@@ -119,6 +140,72 @@ def restore_state(ckpt: Checkpointer, setup: TrainSetup, step: int | None = None
     return state, restored["meta"]
 
 
+def _model_cfg(setup: TrainSetup) -> RetroConfig | None:
+    """The RetroConfig of `setup`'s model (None for a model that is not a Retro)."""
+    abstract = setup.abstract_state
+    model = nnx.merge(setup.graphdef, abstract["params"], abstract["frozen"], abstract["rest"])
+    return getattr(model, "cfg", None)
+
+
+def _convert_state(state: dict, setup: TrainSetup, cfg: RetroConfig) -> dict:
+    """A train state of the other parameter layout in `setup`'s (`cfg.scan_layers`), placed
+    in its shardings. Parameter-shaped trees (params, frozen, the optimiser moments) are
+    converted with `convert_params`; counters, the step and the key are kept."""
+    target = setup.abstract_state
+
+    def convert(tree, like):
+        if not isinstance(tree, nnx.State):
+            return tree
+        pure = convert_params(nnx.to_pure_dict(tree), cfg, scan_layers=cfg.scan_layers)
+        out = jax.tree.map(lambda x: x, like)
+        nnx.replace_by_pure_dict(out, pure)
+        return out
+
+    is_state = lambda x: isinstance(x, nnx.State)  # noqa: E731
+    converted = {
+        **state,
+        "params": convert(state["params"], target["params"]),
+        "frozen": convert(state["frozen"], target["frozen"]),
+        "opt_state": jax.tree.map(convert, state["opt_state"], target["opt_state"],
+                                  is_leaf=is_state),
+    }
+    keys = ("params", "frozen", "opt_state")
+    placed = jax.device_put({k: converted[k] for k in keys},
+                            {k: setup.state_shardings[k] for k in keys})
+    return {**converted, **placed}
+
+
+def _abstract_params(cfg: RetroConfig, mesh: Mesh, rules) -> nnx.State:
+    """The parameters of `Retro(cfg)` as ShapeDtypeStructs carrying their shardings."""
+    # Abstract shapes outside the mesh context: the variables' logical axis names are not
+    # mesh axes (the rule table maps them below).
+    params = nnx.state(nnx.eval_shape(lambda: Retro(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    shardings = variable_shardings(params, mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        params, shardings)
+
+
+def restore_params(ckpt: Checkpointer, step: int | None, cfg: RetroConfig, mesh: Mesh,
+                   rules) -> dict:
+    """The parameters of checkpoint `step` (None = latest) as a nested dict in the layout of
+    `cfg` (`cfg.scan_layers`), sharded over `mesh` by `rules`.
+
+    The checkpoint's own layout is read from its stored tree; one of the other layout is
+    restored as written and converted (`convert_params`).
+    """
+    stored = params_layout(ckpt.params_tree(step))
+    if stored is None or stored == cfg.scan_layers:
+        return ckpt.restore_params(step, nnx.to_pure_dict(_abstract_params(cfg, mesh, rules)))
+    src = dataclasses.replace(cfg, scan_layers=stored)
+    restored = ckpt.restore_params(step, nnx.to_pure_dict(_abstract_params(src, mesh, rules)))
+    log.info("checkpoint %s: model.scan_layers=%s layout converted to scan_layers=%s",
+             ckpt.directory, stored, cfg.scan_layers)
+    converted = convert_params(restored, cfg, scan_layers=cfg.scan_layers)
+    target = _abstract_params(cfg, mesh, rules)
+    shardings = jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(target))
+    return jax.device_put(converted, shardings)
+
+
 # ------------------------------------------------------------- retrofitting
 def _name(path: tuple) -> str:
     return "/".join(str(p) for p in path)
@@ -146,19 +233,20 @@ def init_from_baseline(setup: TrainSetup, state: dict, init_from: str | Path,
                           f"no complete checkpoint in {directory}: train the baseline first")
     src_config = config_from_meta(source.restore_meta(step), f"{directory}/{step}/meta")
     src_model = RetroConfig.from_config(src_config.model, src_config.database.chunk_len)
-    # Abstract shapes outside the mesh context: the variables' logical axis names are not
-    # mesh axes (the rule table maps them below).
-    src_abstract = nnx.state(nnx.eval_shape(lambda: Retro(src_model, rngs=nnx.Rngs(0))),
-                             nnx.Param)
-    src_shardings = variable_shardings(src_abstract, setup.mesh, setup.rules)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            src_abstract, src_shardings)
-    loaded = traverse_util.flatten_dict(source.restore_params(step, nnx.to_pure_dict(abstract)))
+    # Source and model are compared and merged per layer (the unrolled layout), whatever
+    # their model.scan_layers: their decoders are grouped into different runs anyway (a
+    # baseline is one run, RETRO several).
+    cfg = _model_cfg(setup)
+    loaded = traverse_util.flatten_dict(unstack_params(
+        restore_params(source, step, src_model, setup.mesh, setup.rules), src_model))
     source.close()
 
+    def per_layer(tree: nnx.State) -> dict:
+        return traverse_util.flatten_dict(unstack_params(nnx.to_pure_dict(tree), cfg))
+
     full = nnx.merge_state(state["params"], state["frozen"])
-    current = traverse_util.flatten_dict(nnx.to_pure_dict(full))
-    frozen_paths = set(traverse_util.flatten_dict(nnx.to_pure_dict(state["frozen"])))
+    current = per_layer(full)
+    frozen_paths = set(per_layer(state["frozen"]))
     for path, value in loaded.items():
         if path not in current:
             raise ConfigError(f"train.init_from={str(init_from)!r}: parameter {_name(path)} of the "
@@ -175,7 +263,8 @@ def init_from_baseline(setup: TrainSetup, state: dict, init_from: str | Path,
     log.info("initialised %d parameters from %s (step %d); %d fresh (e.g. %s)", len(loaded),
              directory, step, len(fresh), ", ".join(_name(p) for p in fresh[:3]))
     current.update(loaded)
-    nnx.replace_by_pure_dict(full, traverse_util.unflatten_dict(current))
+    nnx.replace_by_pure_dict(full, convert_params(traverse_util.unflatten_dict(current), cfg,
+                                                  scan_layers=cfg.scan_layers))
     params, frozen = nnx.split_state(full, setup.filters[0], nnx.Param)
     # Placed in the train state's shardings (the source may come from another layout).
     params = jax.device_put(params, setup.state_shardings["params"])
@@ -202,12 +291,9 @@ def load_trained_model(workdir: str | Path, config=None, mesh: Mesh | None = Non
     ckpt = Checkpointer(resolve_checkpoint_dir(workdir), read_only=True)
     graphdef, params, rest = nnx.split(
         nnx.eval_shape(lambda: Retro(model_cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    restored = restore_params(ckpt, step, model_cfg, mesh, rules)
+    ckpt.close()
     with jax.set_mesh(mesh), axis_rules(rules):
-        shardings = variable_shardings(params, mesh, rules)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                params, shardings)
-        restored = ckpt.restore_params(step, nnx.to_pure_dict(abstract))
-        ckpt.close()
         nnx.replace_by_pure_dict(params, restored)
         if jax.tree.leaves(rest):
             rest = jax.jit(lambda: nnx.split(Retro(model_cfg, rngs=nnx.Rngs(0)),
