@@ -4,7 +4,8 @@
                        [--runner beam --beam-options="--runner=DirectRunner ..."]
     retro-jax precompute-neighbours --config ... --workdir W [--runner beam ...]
     retro-jax train    --config ... --workdir W
-    retro-jax eval     --config ... --workdir W [--split S] [--neighbours K] [--retrieval on|off|random|oracle]
+    retro-jax eval     --config ... --workdir W [--split S] [--neighbours K]
+                       [--retrieval on|off|random|oracle]
     retro-jax sample   --workdir W --prompt TEXT [--max-tokens N ...]
     retro-jax sweep    EXP... --workdir ROOT
     retro-jax report   W...

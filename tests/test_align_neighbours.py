@@ -40,7 +40,7 @@ def reference_windows(tokens, doc_ids, ids, query, max_shift):
         best, best_key = 0, None
         for s in range(-max_shift, max_shift + 1):
             score = sum(1 for t in range(m - 1)
-                        if 0 <= start + s + t and start + s + t + 1 < len(text) and q[t] != 0
+                        if start + s + t >= 0 and start + s + t + 1 < len(text) and q[t] != 0
                         and text[start + s + t] == q[t] and text[start + s + t + 1] == q[t + 1])
             key = (score, -abs(s), -int(s > 0))
             if best_key is None or key > best_key:

@@ -185,8 +185,8 @@ def build_report(workdirs) -> str:
              "Metric: word_ppl = perplexity per word of the original text (Wikitext103); "
              "bpb = bits per UTF-8 byte. Filtered columns: bpb over the evaluation chunks whose "
              "longest token overlap with their retrieved training neighbours is <= alpha "
-             "(paper section 2.6). Random neighbours: database chunks drawn at random instead of the "
-             "retrieved ones (a model that uses retrieval is worse with them than with its "
+             "(paper section 2.6). Random neighbours: database chunks drawn at random instead "
+             "of the retrieved ones (a model that uses retrieval is worse with them than with its "
              "own); oracle: each chunk's true continuation as its neighbour (`retro-jax eval "
              "--retrieval random|oracle`)."]
     subsets = subsets_table(records)
