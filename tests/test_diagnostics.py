@@ -52,3 +52,34 @@ def test_variant_losses_off_is_the_model_without_neighbours():
     assert out["diag_oracle_vs_off"] == pytest.approx(
         out["diag_loss_oracle"] / out["diag_loss_off"] - 1)
     assert out["diag_bpb_on"] == pytest.approx(out["diag_loss_on"] / np.log(2) * 0.25)
+    # One CCA contribution per CCA layer, a positive share of the residual stream.
+    layers = sorted(model.cfg.cca_layers)
+    assert sorted(k for k in out if k.startswith("diag_cca_ratio")) == [
+        f"diag_cca_ratio_layer{layer}" for layer in layers]
+    assert all(0 < out[f"diag_cca_ratio_layer{layer}"] < 10 for layer in layers)
+
+
+def test_cca_norm_ratio_is_what_the_layer_adds():
+    from retro_jax.models.retro import cca_norm_ratio
+
+    before = jnp.ones((2, 6, 4))  # |before| = 2 at every position
+    after = before.at[:, :, 0].add(1.0)  # adds 1 at every position
+    assert float(cca_norm_ratio(before, after, chunk_len=3)) == pytest.approx(0.5)
+    # Positions before m-1 (which read no neighbours) are not counted.
+    early = before.at[:, :2, 0].add(100.0)
+    assert float(cca_norm_ratio(before, early, chunk_len=3)) == pytest.approx(0.0)
+
+
+def test_cca_norms_agree_between_scanned_and_unrolled_models():
+    from _model_fixtures import tiny_config
+
+    inputs, _, neighbours = make_batch(batch=2, k=K)
+    ratios = []
+    for scan in (False, True):
+        cfg = tiny_config(num_layers=6, cca_layers=(2, 4, 6), scan_layers=scan)
+        model = new_model(cfg, 5)
+        h, norms = model.hidden_states(inputs, neighbours, return_cca_norms=True)
+        ratios.append({layer: float(v) for layer, v in norms.items()})
+    assert set(ratios[0]) == {2, 4, 6}
+    for layer in ratios[0]:
+        assert ratios[1][layer] == pytest.approx(ratios[0][layer], rel=1e-4)

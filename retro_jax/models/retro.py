@@ -202,13 +202,16 @@ class Retro(nnx.Module):
         return self.logits(self.hidden_states(inputs, neighbours, dropout_rng=dropout_rng))
 
     def hidden_states(self, inputs: jax.Array, neighbours: jax.Array | None = None, *,
-                      return_cca_attention: bool = False, dropout_rng: jax.Array | None = None):
+                      return_cca_attention: bool = False, return_cca_norms: bool = False,
+                      dropout_rng: jax.Array | None = None):
         """The final-normed activations `[B, n, d]` (before the output projection).
 
         Training computes the loss from these in sequence blocks
         (`loss.chunked_cross_entropy`) so the `[B, n, V]` logits never exist at once.
         `dropout_rng`: as in `__call__` (ignored when `cfg.dropout` is 0: nothing random is
-        traced).
+        traced). After h come, in this order, what was asked for: `return_cca_attention`'s
+        {layer: shares `[B, L, k]`} and `return_cca_norms`'s {layer: `cca_norm_ratio`, a
+        float32 scalar}, both keyed by the 1-based CCA layer.
         """
         cfg = self.cfg
         rng = dropout_rng if cfg.dropout > 0 else None
@@ -218,33 +221,40 @@ class Retro(nnx.Module):
         x = shard(self.embed(inputs), ACT_NAMES)
         encoded = neighbour_mask = None
         shares: dict[int, jax.Array] = {}
+        norms: dict[int, jax.Array] = {}
+        asked = (return_cca_attention, return_cca_norms)
         for run, blocks in zip(decoder_runs(cfg), self._run_blocks(), strict=True):
             if run.repeats == 1:
-                x, encoded, neighbour_mask, unit_shares = self._apply_group(
+                x, encoded, neighbour_mask, (unit_shares, unit_norms) = self._apply_group(
                     blocks, run.unit, run.first, x, encoded, neighbour_mask, neighbours, rng,
-                    return_cca_attention)
+                    *asked)
                 shares.update({run.first + j: share for j, share in unit_shares.items()})
+                norms.update({run.first + j: norm for j, norm in unit_norms.items()})
             else:
-                x, unit_shares = self._scan_run(blocks, run, x, encoded, neighbour_mask, rng,
-                                                return_cca_attention)
+                x, (unit_shares, unit_norms) = self._scan_run(
+                    blocks, run, x, encoded, neighbour_mask, rng, *asked)
                 for j, stacked in unit_shares.items():  # [R, B, L, k] per group position
                     shares.update(zip(run.layers(j), stacked))
+                for j, stacked in unit_norms.items():  # [R] per group position
+                    norms.update(zip(run.layers(j), stacked))
         h = self.final_norm(x)
-        return (h, dict(sorted(shares.items()))) if return_cca_attention else h
+        extra = [dict(sorted(d.items())) for d, want in zip((shares, norms), asked) if want]
+        return (h, *extra) if extra else h
 
     def _apply_group(self, blocks, unit: tuple[str, ...], first_layer, x, encoded,
                      neighbour_mask, neighbours, rng, return_cca_attention: bool,
-                     in_scan: bool = False):
+                     return_cca_norms: bool = False, in_scan: bool = False):
         """The decoder layers first_layer, first_layer + 1, ... (kinds `unit`, blocks
         `blocks`) on x `[B, n, d]`: the one layer loop of both layouts.
 
         `first_layer` is an int, or a traced int32 inside a scan (only the dropout keys use
         it: layer l drops with fold_in(rng, l) in both layouts). At the `CCA_ENCODER` layer the
         encoder runs on the activations after its self-attention. Returns (x, encoded,
-        neighbour_mask, {group position: CCA attention shares `[B, L, k]`}).
+        neighbour_mask, ({group position: CCA attention shares `[B, L, k]`},
+        {group position: `cca_norm_ratio`})), each dict empty unless asked for.
         """
         remat = functools.partial(self._remat, prevent_cse=not in_scan)
-        shares = {}
+        shares, norms = {}, {}
         for j, (block, kind) in enumerate(zip(blocks, unit, strict=True)):
             layer_rng = fold_in(rng, first_layer + j)
             x = remat(DecoderBlock.self_attention)(block, x, dropout_rng=layer_rng)
@@ -252,24 +262,27 @@ class Retro(nnx.Module):
                 encoded, neighbour_mask = remat(Retro._encode)(self, neighbours, x,
                                                                fold_in(rng, ENCODER_RNG))
             if kind != PLAIN and encoded is not None:
+                before = x
                 x, share = remat(DecoderBlock.chunked_cross_attention, static_argnums=(4,))(
                     block, x, encoded, neighbour_mask, return_cca_attention,
                     dropout_rng=layer_rng)
                 if return_cca_attention:
                     shares[j] = share
+                if return_cca_norms:
+                    norms[j] = cca_norm_ratio(before, x, self.cfg.chunk_len)
             x = remat(DecoderBlock.feed_forward)(block, x, layer_rng)
-        return x, encoded, neighbour_mask, shares
+        return x, encoded, neighbour_mask, (shares, norms)
 
     def _scan_run(self, stacked: nnx.List, run: Run, x, encoded, neighbour_mask, rng,
-                  return_cca_attention: bool):
+                  return_cca_attention: bool, return_cca_norms: bool = False):
         """A run of R > 1 repeats as one `jax.lax.scan` over the stacked blocks `[R, ...]`.
 
         Carry: x `[B, n, d]`; per step: the group's parameters (row r) and its first layer.
         The encoder never runs here (its layer is unique, so its run has one repeat); the
         encoded neighbours are loop-invariant. The remat policy applies inside the body, to
         the same branches as unrolled (prevent_cse off: the loop already keeps the
-        recomputation from being merged with the forward). Returns (x, {group position:
-        shares `[R, B, L, k]`}).
+        recomputation from being merged with the forward). Returns (x, ({group position:
+        shares `[R, B, L, k]`}, {group position: norm ratios `[R]`})).
         """
         graphdef, params = nnx.split(stacked)
         first_layers = run.first + run.period * jnp.arange(run.repeats, dtype=jnp.int32)
@@ -277,10 +290,11 @@ class Retro(nnx.Module):
         def body(x, xs):
             params, first_layer = xs
             blocks = list(nnx.merge(graphdef, params))
-            x, _, _, shares = self._apply_group(blocks, run.unit, first_layer, x, encoded,
-                                                neighbour_mask, None, rng,
-                                                return_cca_attention, in_scan=True)
-            return x, shares
+            x, _, _, outputs = self._apply_group(blocks, run.unit, first_layer, x, encoded,
+                                                 neighbour_mask, None, rng,
+                                                 return_cca_attention, return_cca_norms,
+                                                 in_scan=True)
+            return x, outputs
 
         return jax.lax.scan(body, x, (params, first_layers))
 
@@ -402,6 +416,15 @@ class Retro(nnx.Module):
 
 __all__ = ["Attention", "DecodeCache", "DecoderBlock", "KVCache", "NeighbourKV", "Retro",
            "init_model", "retrofit_filter"]
+
+
+def cca_norm_ratio(before: jax.Array, after: jax.Array, chunk_len: int) -> jax.Array:
+    """How much a CCA layer adds to the residual stream: the mean over the batch and the
+    positions that attend to neighbours (m-1 onwards) of |after - before| / |before| (L2 over
+    d), float32. ~0 for a CCA layer the model has learnt to silence."""
+    delta = jnp.linalg.norm((after - before).astype(jnp.float32), axis=-1)[:, chunk_len - 1:]
+    base = jnp.linalg.norm(before.astype(jnp.float32), axis=-1)[:, chunk_len - 1:]
+    return jnp.mean(delta / jnp.maximum(base, 1e-6))
 
 
 def init_model(cfg: RetroConfig, seed: int = 0) -> Retro:

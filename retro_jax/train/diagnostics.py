@@ -11,6 +11,10 @@ Scored on the positions that attend to neighbours (m-1 onwards, the CCA shift) w
 target, the same positions for every variant. A model that uses its neighbours has
 on < random ~ off, and oracle far below off (it can copy the continuation); on ~ off ~ random
 is the signature of a model that ignores retrieval, and oracle ~ off means it cannot copy.
+
+With the real neighbours, each CCA layer's contribution is also measured: the norm of what it
+adds to the residual stream relative to the stream's norm (`models.retro.cca_norm_ratio`),
+as diag_cca_ratio_layer<l>; a layer near 0 has been silenced.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 from retro_jax.models.loss import chunked_cross_entropy
 
 VARIANTS = ("on", "off", "random", "oracle")
+CCA_RATIO = "cca_ratio_layer"  # + the 1-based layer: `Retro.cca_norm_ratio` with real neighbours
 
 
 def attending_mask(targets: jax.Array, chunk_len: int) -> jax.Array:
@@ -59,7 +64,12 @@ def variant_losses(model, batch: dict) -> tuple[dict, dict]:
                 "oracle": oracle_neighbours(inputs, m, neighbours.shape[2])}
     sums, counts = {}, {}
     for name, value in variants.items():
-        hidden = model.hidden_states(inputs, value)
+        if name == "on":  # also how much each CCA layer adds to the residual stream
+            hidden, norms = model.hidden_states(inputs, value, return_cca_norms=True)
+            for layer, ratio in norms.items():
+                sums[f"{CCA_RATIO}{layer}"], counts[f"{CCA_RATIO}{layer}"] = ratio, 1.0
+        else:
+            hidden = model.hidden_states(inputs, value)
         sums[name], counts[name] = chunked_cross_entropy(hidden, model.output_weights(),
                                                          targets, mask)
     return sums, counts
@@ -75,6 +85,8 @@ def summarize(sums: dict, counts: dict, tokens_per_byte: float | None = None) ->
         out[f"diag_loss_{name}"] = loss
         if tokens_per_byte:
             out[f"diag_bpb_{name}"] = loss / math.log(2.0) * tokens_per_byte
+    for key in sorted(k for k in sums if k.startswith(CCA_RATIO)):
+        out[f"diag_{key}"] = float(sums[key])
     off, random = out["diag_loss_off"], out["diag_loss_random"]
     out["diag_oracle_vs_off"] = out["diag_loss_oracle"] / off - 1.0 if off else float("nan")
     out["diag_on_vs_random"] = out["diag_loss_on"] / random - 1.0 if random else float("nan")
