@@ -31,9 +31,12 @@ docs/notes/retrieval_learning.md:
   text; then 250 steps of real text, as many as the baseline trains (`:baseline` runs 250
   steps, no warm-up).
 
-Targets (issue 17): RETRO[ON] >= 10% below the baseline in bits per byte, RETRO[OFF] within 2%
-of it, ON >= 10% below random neighbours, oracle loss >= 50% below OFF. The figures measured on
-the embedded corpus are in docs/benchmarks.md (section "small_repro").
+Targets: RETRO[ON] >= 10% below the baseline in bits per byte, RETRO[OFF] within 2% of it, ON
+>= 10% below random neighbours, oracle >= 50% below OFF. Measured on the embedded corpus
+(docs/benchmarks.md#retrieval-learning, 25 min on 2 cores): ON 2.312, OFF 2.330, random 2.338,
+oracle 1.921, baseline 2.153. The copy warm-up costs the decoder more than retrieval gains
+here, because the held-out files share little text with the database; the analysis is in
+docs/notes/retrieval_learning.md.
 """
 
 from experiments.demo import get_config as demo_config
