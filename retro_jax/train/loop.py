@@ -211,6 +211,7 @@ def train(config, workdir: str | Path, *, batches: BatchFactory | None = None,
         train_step.lower(state, to_global(first, setup, batch_keys)).compile()
         sync("train-step-compiled")
         iterator = itertools.chain([first], iterator)
+    held_out = None  # the retrieval diagnostics' batch, fetched at the first evaluation
     pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
     window = {"steps": 0, "wait": 0.0, "start": None}
     last: dict = {}
@@ -287,7 +288,8 @@ def train(config, workdir: str | Path, *, batches: BatchFactory | None = None,
                 evaluated = _evaluate(eval_step, state, eval_batches(), tc.eval_batches,
                                       place, tokens_per_byte)
                 if diagnostics_step is not None:
-                    held_out = place(next(iter(eval_batches())))  # the same batch every time
+                    if held_out is None:  # the first validation batch, the same every time
+                        held_out = place(_first_batch(eval_batches()))
                     out = diagnostics_step(state, held_out)
                     evaluated.update(diagnostics.summarize(out["nll_sum"], out["tokens"],
                                                            tokens_per_byte))
@@ -333,6 +335,16 @@ def _check_batch_divides_mesh(config, mesh, rules) -> None:
             f"(micro-batch {micro} with train.grad_accum={config.train.grad_accum}); the batch "
             f"is split over mesh axes {axes} = {shards} shards, so the micro-batch must be a "
             f"multiple of {shards}")
+
+
+def _first_batch(iterator):
+    """The first batch of an evaluation iterator, which is then closed (its prefetch thread
+    stopped)."""
+    try:
+        return next(iterator)
+    finally:
+        if hasattr(iterator, "close"):
+            iterator.close()
 
 
 def _evaluate(eval_step, state, iterator, num_batches: int, place, tokens_per_byte) -> dict:
