@@ -113,16 +113,15 @@ def test_random_and_oracle_neighbour_diagnostics(tiny_db, tiny_model):
     from retro_jax.train.diagnostics import oracle_neighbours
 
     inputs = np.arange(1, 2 * SEQ + 1, dtype=np.int32).reshape(2, SEQ)
-    batch = {"inputs": inputs, "chunk_ids": np.array([[0, 1, 2, 3], [4, 5, -1, -1]]),
-             "neighbours": np.zeros((2, SEQ // M, 2, 2 * M), np.int32)}
-    oracle = substitute_neighbours("oracle", batch, tiny_db, M)
+    batch = {"inputs": inputs, "chunk_ids": np.array([[0, 1, 2, 3], [4, 5, -1, -1]])}
+    oracle = substitute_neighbours("oracle", batch, tiny_db, M, 2)
     np.testing.assert_array_equal(oracle, oracle_neighbours(inputs, M, 2))
     np.testing.assert_array_equal(oracle[0, 1, 0], inputs[0, M:3 * M])  # [C_1 ; C_2]
-    random = substitute_neighbours("random", batch, tiny_db, M)
+    random = substitute_neighbours("random", batch, tiny_db, M, 2)
+    assert random.shape == (2, SEQ // M, 2, 2 * M)
     # Deterministic per chunk id, whatever the batch: chunk 4's draw alone is the same.
-    alone = {"inputs": inputs[1:], "chunk_ids": batch["chunk_ids"][1:],
-             "neighbours": batch["neighbours"][1:]}
-    np.testing.assert_array_equal(substitute_neighbours("random", alone, tiny_db, M)[0],
+    alone = {"inputs": inputs[1:], "chunk_ids": batch["chunk_ids"][1:]}
+    np.testing.assert_array_equal(substitute_neighbours("random", alone, tiny_db, M, 2)[0],
                                   random[1])
     assert (random[1, 2:] == 0).all() and (random[0] != 0).any()  # padding chunks stay empty
     # Every random neighbour is [chunk ; continuation] of some database chunk.

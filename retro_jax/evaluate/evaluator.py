@@ -187,8 +187,10 @@ def evaluate(
         log.info("evaluation batch: %d windows (eval.batch_size=%d rounded up to a multiple of "
                  "%d processes and the mesh's batch shards), %d per process", global_batch,
                  batch_size, process_count, local_batch)
+    # The diagnostics replace the neighbours: nothing is retrieved for them.
+    retrieved = num_neighbours if neighbour_source == "retrieved" else 0
     dataset = make_eval_windows(db, split, seq_len, stride, doc_filter, batch_size=local_batch,
-                                num_neighbours=num_neighbours, overfetch=overfetch,
+                                num_neighbours=retrieved, overfetch=overfetch,
                                 exclude_same_document=True, exclude_doc_ids=exclude_doc_ids,
                                 process_index=process_index, process_count=process_count,
                                 align_max_shift=align_max_shift)
@@ -209,9 +211,11 @@ def evaluate(
         t1 = time.perf_counter()
         if batch is None:
             break
-        neighbours = batch.get("neighbours") if num_neighbours > 0 else None
-        if neighbours is not None and neighbour_source != "retrieved":
-            neighbours = substitute_neighbours(neighbour_source, batch, db, m)
+        neighbours = None
+        if neighbour_source != "retrieved":
+            neighbours = substitute_neighbours(neighbour_source, batch, db, m, num_neighbours)
+        elif num_neighbours > 0:
+            neighbours = batch["neighbours"]
         log_probs, hidden = scorer(batch["inputs"], neighbours, batch["targets"])
         mask = batch["score_mask"].astype(bool) & (batch["targets"] != 0)
         if knn is not None:
@@ -260,7 +264,8 @@ def evaluate(
 NEIGHBOUR_SOURCES = ("retrieved", "random", "oracle")
 
 
-def substitute_neighbours(source: str, batch: dict, db, chunk_len: int) -> np.ndarray:
+def substitute_neighbours(source: str, batch: dict, db, chunk_len: int,
+                          num_neighbours: int) -> np.ndarray:
     """The neighbours a diagnostic evaluation feeds instead of the retrieved ones.
 
     Args:
@@ -268,21 +273,21 @@ def substitute_neighbours(source: str, batch: dict, db, chunk_len: int) -> np.nd
         chunk's id in its split, so the draw does not depend on batching or processes) with
         their continuations: the right format, unrelated content. "oracle": slot 0 holds
         [C_u ; C_{u+1}] (the window's own tokens; zeros past the window), the rest empty.
-      batch: the window batch: chunk_ids int64 [B, L], inputs int32 [B, n], neighbours
-        int32 [B, L, k, 2m].
+      batch: the window batch: chunk_ids int64 [B, L], inputs int32 [B, n].
+      num_neighbours: k.
     Returns:
       int32 [B, L, k, 2m].
     """
-    shape = np.asarray(batch["neighbours"]).shape
+    k = int(num_neighbours)
     if source == "oracle":
         from retro_jax.train.diagnostics import oracle_neighbours
 
-        return np.asarray(oracle_neighbours(np.asarray(batch["inputs"]), chunk_len, shape[2]))
+        return np.asarray(oracle_neighbours(np.asarray(batch["inputs"]), chunk_len, k))
     num_db_chunks = int(db.split("train").tokens.shape[0])
-    chunk_ids = np.asarray(batch["chunk_ids"], np.int64).reshape(-1)
-    ids = np.stack([np.random.default_rng([17, int(c)]).integers(0, num_db_chunks, shape[2])
-                    if c >= 0 else np.full(shape[2], -1) for c in chunk_ids])
-    return db.neighbour_tokens(ids.reshape(shape[:3]))
+    chunk_ids = np.asarray(batch["chunk_ids"], np.int64)
+    ids = np.stack([np.random.default_rng([17, int(c)]).integers(0, num_db_chunks, k)
+                    if c >= 0 else np.full(k, -1) for c in chunk_ids.reshape(-1)])
+    return db.neighbour_tokens(ids.reshape(chunk_ids.shape + (k,)))
 
 
 def eval_batch_size(batch_size: int, mesh=None, rules=None, process_count: int = 1) -> int:
