@@ -46,6 +46,15 @@ def temporary_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
 
 
+def remove_temporaries(root: str | os.PathLike) -> int:
+    """Delete every file under `root` named by `temporary_path`: once all of a job's units
+    are done, such a file was left by a writer killed before its rename. Returns how many."""
+    stale = [p for p in Path(root).rglob("*.tmp-*") if p.is_file()]
+    for path in stale:
+        path.unlink()
+    return len(stale)
+
+
 def write_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:
     """np.save under a temporary name, fsync, rename onto `path`. The bytes depend only on the
     array (dtype, shape, values), so a rewrite by a retried worker is identical."""

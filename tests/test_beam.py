@@ -26,6 +26,7 @@ pytest.importorskip("apache_beam")
 from data_pipeline.corpora.split import hash_split  # noqa: E402
 from data_pipeline.database import BUILD_TIMES_FILE, partial_path  # noqa: E402
 from data_pipeline.resumable import KILL_ENV, KILL_GROUP_ENV  # noqa: E402
+from data_pipeline.shards import temporary_path  # noqa: E402
 from retro_jax.build_db import build_run_database, make_runner  # noqa: E402
 from tests._db_fixtures import (  # noqa: E402
     FakeDocument,
@@ -163,12 +164,18 @@ def test_killed_beam_build_reruns_to_the_same_checksums(corpus, local_db, tmp_pa
     """Reduced default form: a Beam build killed (driver and workers) after a key block of
     train shard 1 was written, rerun (here in one process: either runner resumes the other's
     build; the slow form reruns on Beam); every file equals the single-process build's. The
-    rerun keeps the chunk shards and the finished key blocks and redoes the rest."""
+    rerun keeps the chunk shards and the finished key blocks and redoes the rest, and drops
+    the files the killed workers were writing (planted here: whether a worker is caught
+    mid-write depends on timing)."""
     db_path = tmp_path / "db"
     _killed_build(corpus, db_path, "keys/train/shard_00001/block_00001/written")
     build_dir = partial_path(db_path) / ".build"
     assert (build_dir / "done" / "chunks" / "train" / "shard_00002.json").is_file()
     assert list((build_dir / "staging" / "keys" / "train").glob("shard_00001-*/block_00001.npy"))
+    for name in ("train/keys-00000.npy", "index/shard_00000/dataset.npy"):
+        planted = temporary_path(partial_path(db_path) / name)
+        planted.parent.mkdir(parents=True, exist_ok=True)
+        planted.write_bytes(b"half-written")
     resumed = build(corpus, db_path, "local")
     want, got = digests(local_db.path), digests(resumed.path)
     assert got.keys() == want.keys() and [k for k in want if got[k] != want[k]] == []

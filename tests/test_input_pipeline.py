@@ -25,6 +25,7 @@ from data_pipeline.input_pipeline import (
     precompute_neighbours,
     retrieve_neighbours,
 )
+from data_pipeline.shards import temporary_path
 from data_pipeline.text.tokenizer import EOS_ID
 
 M = CHUNK_LEN
@@ -204,11 +205,16 @@ def test_resume_equals_uninterrupted_across_epochs(db):
 
 
 def test_precomputed_equals_inline(db, tmp_path):
+    """Also: a file a killed writer left half-written in `<out>.partial/` is not kept."""
+    planted = temporary_path(tmp_path / "nbrs.partial" / "candidates-00000.npy")
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(b"half-written")
     out = precompute_neighbours(db, "train", tmp_path / "nbrs", num_neighbours=K, overfetch=3,
                                 shard_rows=50)
     num_chunks = len(db.split("train").doc_ids)
     assert len(list(out.glob("candidates-*.npy"))) == -(-num_chunks // 50)
     assert not (out / ".build").exists()
+    assert not list(out.rglob("*.tmp-*"))
     kwargs = dict(seq_len=SEQ, batch_size=4, num_neighbours=K, overfetch=3, seed=11)
     inline = take(make_dataset(db, "train", **kwargs), 4)
     pre = take(make_dataset(db, "train", precomputed_dir=out, **kwargs), 4)

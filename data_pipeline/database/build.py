@@ -75,6 +75,7 @@ from data_pipeline.resumable import (
     output_sha256,
 )
 from data_pipeline.retrieval import BuildInputs, Retriever, retriever_class, retriever_kinds
+from data_pipeline.shards import remove_temporaries, temporary_path
 from data_pipeline.text import Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = ["KILL_ENV", "STATE_DIR", "ChunkSettings", "DedupSettings", "TokenizerSettings",
@@ -170,7 +171,6 @@ class DedupStage(Stage):
         self.corpus, self.settings = corpus, settings
 
     def run(self, unit: Unit, root: Path) -> dict:
-        from data_pipeline.shards import temporary_path
         from data_pipeline.text import NearDuplicateFilter
 
         index = NearDuplicateFilter(threshold=self.settings.threshold,
@@ -282,7 +282,7 @@ def _remove_other_retrievers_files(partial: Path, retriever: Retriever, splits) 
 
 def _remove_stale_files(partial: Path, splits, shard_tables) -> None:
     """Files an earlier attempt left in `<db>.partial/`: splits no longer built, shards past
-    the end (another shard size)."""
+    the end (another shard size), and files a killed writer had not yet renamed into place."""
     for stale in ("validation", "test"):
         if stale not in splits and (partial / stale).exists():
             shutil.rmtree(partial / stale)
@@ -292,6 +292,7 @@ def _remove_stale_files(partial: Path, splits, shard_tables) -> None:
         for path in (partial / split).glob("*.npy"):
             if path.name not in wanted:
                 path.unlink()
+    remove_temporaries(partial)
 
 
 # ---------------------------------------------------------------------------- build

@@ -49,7 +49,13 @@ from data_pipeline.resumable import (
     fingerprint,
     output_sha256,
 )
-from data_pipeline.shards import open_rows, shard_file, shard_ranges, write_npy_atomic
+from data_pipeline.shards import (
+    open_rows,
+    remove_temporaries,
+    shard_file,
+    shard_ranges,
+    write_npy_atomic,
+)
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
@@ -212,6 +218,7 @@ def write_precomputed(db: Any, split: str, out_dir: str | os.PathLike, *, settin
                             else str(db_path_of(split_db)),
                             settings, db.retriever_class.from_settings().search_parts(db))
     markers = runner.run(stage, units, partial)
+    remove_temporaries(partial)
     manifest = {"format_version": FORMAT_VERSION, "split": split, "num_chunks": num_chunks,
                 "settings": settings, "database": fp, "shard_rows": int(shard_rows),
                 "shards": [{"first_chunk": u.args["first"], "num_chunks": u.args["count"],
