@@ -14,8 +14,9 @@ depends on), so a config whose step key (model, mesh, batch, optimiser, n, k, m)
 already compiled is recorded with `same_step_as` and the figures of that compile. Every
 config's record (the compile report: bytes per device against HBM, XLA FLOPs per step,
 compile time, predicted step time and MFU; or status "timeout" / "error") is printed as one
-JSON line and appended to --out; a rerun skips the configs already there (a timeout is
-retried only with a larger --timeout), so it resumes where it stopped.
+JSON line and appended to --out; a rerun skips the configs already there whose step key is
+unchanged (a timeout is retried only with a larger --timeout), so it resumes where it stopped
+and recompiles a config that was edited since.
 
     make tpu-env                                    # .venv-tpu: the project + jax[tpu]
     .venv-tpu/bin/python benchmarks/compile_paper.py [--sizes 172m,425m] [--timeout 3600]
@@ -176,7 +177,11 @@ def with_prediction(record: dict) -> dict:
 
 
 def markdown_table(records: list[dict]) -> str:
-    """The docs/benchmarks.md table of compile records (blank cells: not measured)."""
+    """The docs/benchmarks.md table of compile records (blank cells: not measured; a config
+    that does not fit shows, as its total, the bytes XLA said it needs)."""
+    sys.path.insert(0, str(REPO))
+    from retro_jax.train.aot import needed_bytes
+
     head = ["config", "slice (topology)", "status", "compile s (CPU s)", "params GiB/dev",
             "optimiser GiB/dev", "temporaries GiB/dev", "total GiB/dev (of HBM)",
             "XLA FLOPs/step/dev", "model FLOPs/step", "predicted step ms (bound)",
@@ -184,7 +189,8 @@ def markdown_table(records: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in records:
         r = with_prediction(r)
-        total = r.get("bytes_total_per_device") or r.get("bytes_needed_per_device")
+        total = (r.get("bytes_total_per_device") or r.get("bytes_needed_per_device")
+                 or needed_bytes(r.get("error", "")))
         hbm = r.get("hbm_bytes_per_device")
         status = r.get("status", "?")
         if status == "timeout":
@@ -250,11 +256,13 @@ def main(argv=None) -> int:
         if record.get("status") in ("ok", "does_not_fit") and not record.get("same_step_as"):
             compiled.setdefault(record.get("step_key") or step_key(record["config"]), record)
     for entry in entries:
+        entry["step_key"] = step_key(entry["config"])
         previous = done.get(entry["config"])
+        if previous is not None and previous.get("step_key") != entry["step_key"]:
+            previous = None  # the config changed since that record: compile it again
         if not needs_run(previous, args.timeout):
             print(json.dumps(previous), flush=True)
             continue
-        entry["step_key"] = step_key(entry["config"])
         twin = compiled.get(entry["step_key"])
         if twin is not None:
             record = {**twin, **entry, "same_step_as": twin["config"]}

@@ -15,7 +15,14 @@ from argparse import Namespace
 
 import pytest
 
-from retro_jax.train.aot import CHIPS, Chip, chip_for, predict_step, topology_chips
+from retro_jax.train.aot import (
+    CHIPS,
+    Chip,
+    chip_for,
+    needed_bytes,
+    predict_step,
+    topology_chips,
+)
 
 
 def test_chip_table_and_topology_names():
@@ -43,10 +50,28 @@ def test_prediction_is_a_roofline():
     report["xla_bytes_accessed_per_device"] = 100.0  # 10 s of HBM traffic > 5 s of FLOPs
     p = predict_step(report, chip)
     assert p["predicted_step_seconds"] == 10.0 and p["predicted_bound"] == "hbm bandwidth"
-    # XLA counting less than the model (a loop body counted once): the model's FLOPs rule.
-    report.update({"xla_flops_per_device": 100.0, "xla_bytes_accessed_per_device": 0.0})
+    # XLA counting less than the model (a loop body counted once): the model's FLOPs, times
+    # the remat policy's recompute, rule; XLA's bytes are scaled by the same undercount.
+    report.update({"xla_flops_per_device": 100.0, "xla_bytes_accessed_per_device": 2.0})
     p = predict_step(report, chip)
     assert p["predicted_compute_seconds"] == 1600 / 4 / 100 and p["model_to_xla_flops"] == 4.0
+    assert p["predicted_hbm_seconds"] == pytest.approx(2.0 * 4 / 10)
+    assert p["predicted_mfu"] == pytest.approx(1.0)
+    assert p["predicted_flops_source"] == "model x remat recompute"
+    p = predict_step({**report, "remat": "full"}, chip)
+    assert p["predicted_compute_seconds"] == pytest.approx(1600 / 4 / 100 * 4 / 3)
+    assert p["predicted_mfu"] == pytest.approx(0.75)  # the recomputed forward is not useful
+
+
+def test_out_of_memory_messages_give_the_bytes_needed():
+    """Both of XLA's wordings (its G is GiB)."""
+    assert needed_bytes("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                        "required for HLO temporaries (124.88G) exceeds available HBM "
+                        "(95.74G).") == int(124.88 * 2**30)
+    assert needed_bytes("XLA:TPU compile permanent error. Ran out of memory in memory space "
+                        "hbm. Used 112.5G of 95.74G hbm. Exceeded hbm capacity by 16.76G.") \
+        == int(112.5 * 2**30)
+    assert needed_bytes("INTERNAL: something else") is None
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +210,12 @@ esac
 
     assert cp.main(argv) == 0  # resumes: only the two failed configs run again
     assert len(calls.read_text().splitlines()) == 7
+    # A record of another step (the config was edited since) is compiled again.
+    edited = [dict(r, step_key="edited") if r["config"].endswith("pile.py:172m") else r
+              for r in map(json.loads, out.read_text().splitlines())]
+    out.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    assert cp.main(argv) == 0
+    assert len(calls.read_text().splitlines()) == 10  # pile 172m, and the two failed again
     assert cp.main(["--out", str(out), "--table", "--sizes", "172m", "--datasets", "pile"]) == 0
     table = capsys.readouterr().out
     assert "| pile.py:172m | v5p-32 (v5p:2x2x4) | ok | 12 |" in table

@@ -84,8 +84,15 @@ def test_paper_file_sizes_and_baseline(path):
             # The mesh's fixed axes fit the slice the docstring names (v5p-N: N/2 chips).
             chips = int(TPU_SLICE[size].split("-")[1]) // 2
             assert chips % (config.mesh.fsdp * config.mesh.tensor) == 0
-            assert f"{variant} on a {TPU_SLICE[size]} slice" in load_experiment_module(
-                path).__doc__
+            doc = load_experiment_module(path).__doc__
+            assert f"{variant} on a {TPU_SLICE[size]} slice" in doc
+            # The docstring's table states the mesh, remat, batch and micro-batches that
+            # benchmarks/compile_paper.py fitted to the slice.
+            row = (f"| {TPU_SLICE[size]} | {config.mesh.fsdp} x {config.mesh.tensor}, "
+                   f"{config.model.remat}, {config.train.batch_size} ({config.train.grad_accum})"
+                   " |")
+            assert any(line.startswith(f"| {variant} |") and row in line
+                       for line in doc.splitlines()), (variant, row)
 
 
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.name)

@@ -4,12 +4,18 @@ Variants, comma-separated: one size, `172m` (the default when none is given), `4
 `7.5b`; `baseline` (RETRO's decoder without CCA or encoder); `runlocal` (below). Run names:
 `wikitext103-retro-7_5b`, `wikitext103-baseline-172m`, ...
 
-| size | Table 2 (non-embedding) | TPU slice | mesh fsdp x tensor, remat, batch | paper figure |
+| size | Table 2 (non-embedding) | TPU slice | mesh fsdp x tensor, remat, batch (micro-batches) | paper figure |
 |---|---|---|---|---|
-| 172m | 172M, 12 layers, d 896 | v5p-32 | 1 x 1, none, 256 | none at this size |
-| 425m | 425M, 12 layers, d 1536 | v5p-32 | 4 x 1, none, 256 | none at this size |
-| 1.5b | 1.5B, 24 layers, d 2048 | v5p-64 | 8 x 1, dots, 256 | none at this size |
-| 7.5b | 7.5B, 32 layers, d 4096 | v5p-128 | 16 x 4, full, 1024 | Table 4 (below) |
+| 172m | 172M, 12 layers, d 896 | v5p-32 | 1 x 1, dots, 256 (2) | none at this size |
+| 425m | 425M, 12 layers, d 1536 | v5p-32 | 4 x 1, dots, 256 (2) | none at this size |
+| 1.5b | 1.5B, 24 layers, d 2048 | v5p-64 | 8 x 1, dots, 256 (2) | none at this size |
+| 7.5b | 7.5B, 32 layers, d 4096 | v5p-128 | 16 x 4, full, 1024 (4) | Table 4 (below) |
+
+Each row's mesh, remat and micro-batches fit its slice's HBM with margin when the step is
+compiled ahead of time (32-68% per chip; docs/benchmarks.md, "Ahead-of-time compilation").
+After changing one, check it before paying for the slice:
+`retro-jax compile --config experiments/paper/wikitext103.py:7.5b --topology v5p:4x4x4` (v5p-32 is
+`v5p:2x2x4`, v5p-64 `v5p:2x4x4`; `make tpu-env` first).
 
 Target: word-level perplexity on Wikitext103 valid/test. The paper's Table 4 gives one figure
 per method, for its largest model (7.5B), not one per size: baseline transformer 21.53/22.96,

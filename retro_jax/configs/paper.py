@@ -20,12 +20,14 @@ from retro_jax.configs.validate import ConfigError
 # Per size: the Cloud TPU slice its experiment docstrings target (v5p-N has N/2 chips).
 TPU_SLICE = {"172M": "v5p-32", "425M": "v5p-32", "1.5B": "v5p-64", "7.5B": "v5p-128"}
 
-# Per size: mesh (fsdp, tensor) for its pod slice, remat, global batch, max learning rate.
+# Per size: mesh (fsdp, tensor) for its pod slice, remat, global batch, gradient-accumulation
+# micro-batches, max learning rate. Each fits its slice's HBM with margin when compiled ahead
+# of time (docs/benchmarks.md, "Ahead-of-time compilation": benchmarks/compile_paper.py).
 _POD = {
-    "172M": dict(fsdp=1, tensor=1, remat="none", batch=256, lr=2e-4),
-    "425M": dict(fsdp=4, tensor=1, remat="none", batch=256, lr=2e-4),
-    "1.5B": dict(fsdp=8, tensor=1, remat="dots", batch=256, lr=2e-4),
-    "7.5B": dict(fsdp=16, tensor=4, remat="full", batch=1024, lr=1e-4),
+    "172M": dict(fsdp=1, tensor=1, remat="dots", batch=256, grad_accum=2, lr=2e-4),
+    "425M": dict(fsdp=4, tensor=1, remat="dots", batch=256, grad_accum=2, lr=2e-4),
+    "1.5B": dict(fsdp=8, tensor=1, remat="dots", batch=256, grad_accum=2, lr=2e-4),
+    "7.5B": dict(fsdp=16, tensor=4, remat="full", batch=1024, grad_accum=4, lr=1e-4),
 }
 
 # Wikitext103: ~103M training tokens; 4000 steps of 256 x 2048 tokens is ~20 epochs.
@@ -54,6 +56,7 @@ def paper_config(size: str, dataset: str, *, retrieval: bool = True) -> ml_colle
     c.model.scan_layers = True
     c.mesh.fsdp, c.mesh.tensor = pod["fsdp"], pod["tensor"]
     c.train.batch_size = pod["batch"]
+    c.train.grad_accum = pod["grad_accum"]
     c.train.learning_rate = pod["lr"]
     c.train.num_steps = _STEPS[dataset]
     c.corpus.kind = dataset

@@ -138,8 +138,20 @@ def _first_cost(cost):
     return cost or {}
 
 
-_OOM = re.compile(r"([\d.]+)([KMGT])i?B? of ([\d.]+)([KMGT])i?B? hbm", re.IGNORECASE)
+# XLA's two wordings of "does not fit": "... 112.5G of 95.74G hbm ..." and "the total memory
+# required for HLO temporaries (124.88G) exceeds available HBM (95.74G)"; its G is GiB.
+_OOM = re.compile(r"([\d.]+)([KMGT])i?B? of ([\d.]+)([KMGT])i?B? hbm"
+                  r"|\(([\d.]+)([KMGT])i?B?\) exceeds available hbm", re.IGNORECASE)
 _UNIT = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def needed_bytes(message: str) -> int | None:
+    """The bytes per device XLA's out-of-memory `message` says the program needs, or None."""
+    found = _OOM.search(message)
+    if not found:
+        return None
+    amount, unit = (found[1], found[2]) if found[1] else (found[5], found[6])
+    return int(float(amount) * _UNIT[unit.upper()])
 
 
 def compile_train_step(config, devices: list, *, chip: Chip | None = None) -> dict:
@@ -213,9 +225,9 @@ def compile_train_step(config, devices: list, *, chip: Chip | None = None) -> di
         report["total_seconds"] = time.perf_counter() - t_start
         report["fits"] = False
         report["error"] = _oom_summary(str(e))
-        found = _OOM.search(str(e))
-        if found:
-            report["bytes_needed_per_device"] = int(float(found[1]) * _UNIT[found[2].upper()])
+        needed = needed_bytes(str(e))
+        if needed is not None:
+            report["bytes_needed_per_device"] = needed
         return report
     report["compile_seconds"] = time.perf_counter() - t_compile
     report["compile_cpu_seconds"] = time.process_time() - cpu_compile  # all threads
@@ -247,32 +259,47 @@ def compile_train_step(config, devices: list, *, chip: Chip | None = None) -> di
     return report
 
 
+# FLOPs executed per model FLOP by remat policy: "full" recomputes the forward pass in the
+# backward one (forward 2N + backward 4N + forward again 2N per token, against the model's 6N);
+# "dots" keeps the matmul outputs, so only elementwise work is recomputed.
+RECOMPUTE_FACTOR = {"none": 1.0, "dots": 1.0, "full": 4.0 / 3.0}
+
+
 def predict_step(report: dict, chip: Chip) -> dict:
     """The step time and MFU the cost analysis predicts at the chip's peak (a roofline: the
     larger of compute time and HBM traffic time; collectives and the host are not counted,
-    so the time is a lower bound and the MFU an upper bound). Compute time is that of the
-    larger of XLA's FLOPs and the model's (XLA counts a loop body once)."""
+    so the time is a lower bound and the MFU an upper bound).
+
+    XLA's cost analysis counts a while loop's body once, not once per trip (the layer scan,
+    grad_accum's scan, the blockwise loss's scan), so under loops its FLOPs fall below the
+    model's. The FLOPs executed are then estimated as model FLOPs x the remat policy's
+    recompute factor, and XLA's bytes accessed are scaled by the same undercount (the loop
+    bodies hold nearly all of both)."""
     xla_flops = report.get("xla_flops_per_device")
     if not xla_flops or not chip.peak_flops:
         return {}
     devices = report["devices"]
-    # XLA's cost analysis counts a loop body once (the blockwise loss's scan, grad_accum's
-    # scan, a layer scan): never assume less work than the model's own FLOPs.
-    flops = max(xla_flops, report["model_flops_per_step"] / devices)
+    model_flops = report["model_flops_per_step"] / devices
+    executed = model_flops * RECOMPUTE_FACTOR.get(report.get("remat", "none"), 1.0)
+    undercount = max(executed / xla_flops, 1.0)
+    flops = xla_flops * undercount
     compute_s = flops / chip.peak_flops
     memory_s = 0.0
     if chip.hbm_bandwidth:
-        memory_s = report.get("xla_bytes_accessed_per_device", 0.0) / chip.hbm_bandwidth
+        memory_s = (report.get("xla_bytes_accessed_per_device", 0.0) * undercount
+                    / chip.hbm_bandwidth)
     step_s = max(compute_s, memory_s)
     return {
         "predicted_step_seconds": step_s,
         "predicted_bound": "compute" if compute_s >= memory_s else "hbm bandwidth",
         "predicted_compute_seconds": compute_s, "predicted_hbm_seconds": memory_s,
-        "predicted_mfu": report["model_flops_per_step"] / (devices * chip.peak_flops * step_s),
+        "predicted_flops_per_device": flops,
+        "predicted_flops_source": "xla" if undercount == 1.0 else "model x remat recompute",
+        "predicted_mfu": model_flops / (chip.peak_flops * step_s),
         "predicted_tokens_per_second": report["tokens_per_step"] / step_s,
         # model FLOPs / XLA FLOPs: below 1 with rematerialisation (forward recomputed);
-        # above 1 when XLA counts a loop body once (its cost analysis ignores trip counts).
-        "model_to_xla_flops": report["model_flops_per_step"] / (devices * xla_flops),
+        # above 1 when XLA counts a loop body once.
+        "model_to_xla_flops": model_flops / xla_flops,
     }
 
 
@@ -334,6 +361,10 @@ def format_report(report: dict) -> str:
                      f"model FLOPs/step {report['model_flops_per_step']:.4g} in all "
                      f"(model/XLA {report.get('model_to_xla_flops', float('nan')):.2f})")
     if "predicted_step_seconds" in report:
+        if report.get("predicted_flops_source", "xla") != "xla":
+            lines.append(f"  executed FLOPs    {report['predicted_flops_per_device']:.4g} per "
+                         "device, estimated as model FLOPs x the remat recompute factor "
+                         "(XLA counts a loop body once)")
         lines.append(f"  predicted at peak {1e3 * report['predicted_step_seconds']:.1f} ms/step "
                      f"({report['predicted_bound']}-bound), "
                      f"{report['predicted_tokens_per_second']:,.0f} tokens/s, "
