@@ -44,3 +44,35 @@ def test_batch_that_does_not_split_over_the_mesh_is_a_config_error(tmp_path):
 def test_train_without_a_database_says_to_build_it(tmp_path):
     with pytest.raises(DataError, match="retro-jax build-db"):
         train(tiny_config(), tmp_path / "run", progress="none", tensorboard=False)
+
+
+def test_held_out_batches_are_drawn_across_the_split(tmp_path):
+    """The periodic evaluation's batches sample the whole split, the same ones every time."""
+    import numpy as np
+
+    from retro_jax.models.sharding import logical_axis_rules, make_mesh
+    from retro_jax.train.data import held_out_batches, pipeline_batches
+
+    db = make_tiny_database(tmp_path, eval_docs=8)
+    vocab = db.tokenizer.vocab_size
+    config = tiny_config(**{
+        "database.chunk_len": db.chunk_len, "data.seq_len": 4 * db.chunk_len,
+        "tokenizer.vocab_size": vocab, "model.vocab_size": vocab, "train.batch_size": 8})
+    mesh, rules = make_mesh(config.mesh), logical_axis_rules(config.mesh)
+
+    def first_inputs(factory):
+        iterator = factory(0)
+        try:
+            return np.asarray(next(iterator)["inputs"])
+        finally:
+            iterator.close()
+
+    held_out = first_inputs(held_out_batches(config, db, mesh, rules))
+    np.testing.assert_array_equal(held_out, first_inputs(held_out_batches(config, db, mesh, rules)))
+    in_order = np.concatenate([
+        np.asarray(batch["inputs"]) for batch in pipeline_batches(
+            config, db, mesh, rules, config.eval.split, shuffle=False, repeat=False)(0)])
+    assert len(in_order) >= 3 * len(held_out)
+    positions = [int(np.flatnonzero((in_order == row).all(axis=1))[0]) for row in held_out]
+    assert max(positions) >= len(held_out)  # not just the split's first batch
+    assert len(set(positions)) == len(held_out)

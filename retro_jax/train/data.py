@@ -123,6 +123,17 @@ def pipeline_batches(config, db, mesh, rules, split: str = "train", *, shuffle: 
     return factory
 
 
+def held_out_batches(config, db, mesh, rules) -> BatchFactory:
+    """factory(0) -> the periodic evaluation's batches of `eval.split`, the same every time.
+
+    Sequences are drawn in the pipeline's seeded shuffle (`data.shuffle_seed`), not in split
+    order: the first batches of a split in order hold its first few documents only, so the
+    held-out loss and the retrieval diagnostics would describe those documents, not the split.
+    """
+    return pipeline_batches(config, db, mesh, rules, config.eval.split, shuffle=True,
+                            repeat=True)
+
+
 def precomputed_dir(config, db, split: str) -> Path:
     """Where the precomputed neighbours of `split` live: `<db>/precomputed/<split>-k<k>x<o>`."""
     k, overfetch = config.data.num_neighbours, config.data.overfetch

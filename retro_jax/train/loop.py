@@ -32,6 +32,7 @@ import numpy as np
 
 from retro_jax.train.data import (
     BatchFactory,
+    held_out_batches,
     open_run_database,
     pipeline_batches,
     to_global,
@@ -181,8 +182,7 @@ def train(config, workdir: str | Path, *, batches: BatchFactory | None = None,
     if batches is None:
         batches = pipeline_batches(config, db, mesh, rules)
         if eval_batches is None and tc.eval_every:
-            eval_factory = pipeline_batches(config, db, mesh, rules, config.eval.split,
-                                            shuffle=False, repeat=True)
+            eval_factory = held_out_batches(config, db, mesh, rules)
             eval_batches = lambda: eval_factory(0)  # noqa: E731
     if tokens_per_byte is None and db is not None:
         tokens_per_byte = metrics_lib.tokens_per_byte_from_manifest(db.manifest)
@@ -288,7 +288,7 @@ def train(config, workdir: str | Path, *, batches: BatchFactory | None = None,
                 evaluated = _evaluate(eval_step, state, eval_batches(), tc.eval_batches,
                                       place, tokens_per_byte)
                 if diagnostics_step is not None:
-                    if held_out is None:  # the first validation batch, the same every time
+                    if held_out is None:  # the first held-out batch, the same every time
                         held_out = place(_first_batch(eval_batches()))
                     out = diagnostics_step(state, held_out)
                     evaluated.update(diagnostics.summarize(out["nll_sum"], out["tokens"],
