@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from _db_fixtures import make_tiny_database
 from _train_fixtures import tiny_config
 
 from data_pipeline.errors import DataError
-from retro_jax.train.loop import train
+from retro_jax.models.sharding import logical_axis_rules, make_mesh
+from retro_jax.train.data import held_out_batches, pipeline_batches
+from retro_jax.train.loop import _first_batch, train
 from retro_jax.train.metrics import read_metrics, tokens_per_byte_from_manifest
 
 
@@ -48,11 +51,6 @@ def test_train_without_a_database_says_to_build_it(tmp_path):
 
 def test_held_out_batches_are_drawn_across_the_split(tmp_path):
     """The periodic evaluation's batches sample the whole split, the same ones every time."""
-    import numpy as np
-
-    from retro_jax.models.sharding import logical_axis_rules, make_mesh
-    from retro_jax.train.data import held_out_batches, pipeline_batches
-
     db = make_tiny_database(tmp_path, eval_docs=8)
     vocab = db.tokenizer.vocab_size
     config = tiny_config(**{
@@ -60,12 +58,8 @@ def test_held_out_batches_are_drawn_across_the_split(tmp_path):
         "tokenizer.vocab_size": vocab, "model.vocab_size": vocab, "train.batch_size": 8})
     mesh, rules = make_mesh(config.mesh), logical_axis_rules(config.mesh)
 
-    def first_inputs(factory):
-        iterator = factory(0)
-        try:
-            return np.asarray(next(iterator)["inputs"])
-        finally:
-            iterator.close()
+    def first_inputs(factory):  # as the training loop fetches its held-out batch
+        return np.asarray(_first_batch(factory(0))["inputs"])
 
     held_out = first_inputs(held_out_batches(config, db, mesh, rules))
     np.testing.assert_array_equal(held_out, first_inputs(held_out_batches(config, db, mesh, rules)))
